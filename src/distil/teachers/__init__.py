@@ -1,0 +1,1 @@
+"""Teachers: anything that answers prompts with text and per-token soft targets."""

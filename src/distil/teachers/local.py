@@ -1,0 +1,162 @@
+"""A local Hugging Face causal LM as a teacher: batched generation that keeps soft targets.
+
+The loop is ours rather than `model.generate` because it must keep, for every generated
+token, the top-k log-probs and the log of the remaining mass, and because on a CPU the
+big wins are structural: prompts sorted by length (little padding), large batches, and
+rows that finished dropped from the batch (and its KV cache) instead of padded along.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+
+@dataclass
+class Generation:
+    """What the teacher wrote for one prompt, with its per-token distributions (temperature 1)."""
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)  # log p(chosen token)
+    topk_ids: list[list[int]] = field(default_factory=list)
+    topk_logprobs: list[list[float]] = field(default_factory=list)
+    tail_logprob: list[float] = field(default_factory=list)  # log(1 - sum of top-k probs)
+    finish_reason: str = "length"
+    text: str = ""
+
+
+def stop_token_ids(tokenizer, model) -> set[int]:
+    ids = set()
+    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None),
+                   model.config.eos_token_id):
+        if source is None:
+            continue
+        ids.update(source if isinstance(source, (list, tuple)) else [source])
+    return ids
+
+
+def topk_with_tail(logprobs: torch.Tensor, k: int):
+    """Top-k log-probs, their ids, and the exact log of the mass outside them.
+
+    Args:
+        logprobs: (B, V) normalised log-probs.
+    Returns:
+        (ids (B, k), logprobs (B, k), tail (B,)); tail is computed as a logsumexp over the
+        remaining entries, so it stays exact when the top-k hold nearly all the mass.
+    """
+    top = logprobs.topk(k, dim=-1)
+    rest = logprobs.scatter(-1, top.indices, float("-inf"))
+    return top.indices, top.values, torch.logsumexp(rest, dim=-1)
+
+
+def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+            generator: torch.Generator | None) -> torch.Tensor:
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate_batch(model, prompt_ids: list[list[int]], *, pad_id: int, stop_ids: set[int],
+                   max_new_tokens: int, top_k: int, do_sample: bool = False, temperature: float = 1.0,
+                   top_p: float = 1.0, generator: torch.Generator | None = None) -> list[Generation]:
+    """Generate for one batch of tokenized prompts with a KV cache, keeping soft targets.
+
+    Rows are left-padded; position ids follow the attention mask so a row's output does not
+    depend on its neighbours. A row that emits a stop token leaves the batch.
+    """
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, ids in enumerate(prompt_ids):
+        input_ids[i, width - len(ids):] = torch.tensor(ids)
+        mask[i, width - len(ids):] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    results = [Generation(prompt_ids=list(p)) for p in prompt_ids]
+    active = torch.arange(len(prompt_ids), device=device)  # rows of `results` still generating
+    stop = torch.tensor(sorted(stop_ids), device=device)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache = out.cache
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        chosen = _choose(logits, do_sample, temperature, top_p, generator)
+        ids, values, tail = topk_with_tail(logprobs, top_k)
+        chosen_lp = logprobs.gather(-1, chosen[:, None]).squeeze(-1)
+        rows = (active.tolist(), chosen.tolist(), chosen_lp.tolist(), ids.tolist(), values.tolist(), tail.tolist())
+        for r, tok, lp, kid, kval, t in zip(*rows):
+            g = results[r]
+            g.token_ids.append(tok)
+            g.token_logprobs.append(lp)
+            g.topk_ids.append(kid)
+            g.topk_logprobs.append(kval)
+            g.tail_logprob.append(t)
+        finished = torch.isin(chosen, stop)
+        for r in active[finished].tolist():
+            results[r].finish_reason = "stop"
+        if step == max_new_tokens - 1:
+            break
+        keep = (~finished).nonzero().squeeze(-1)
+        if keep.numel() == 0:
+            break
+        if keep.numel() < active.numel():
+            active, chosen, mask, positions = active[keep], chosen[keep], mask[keep], positions[keep]
+            for layer in cache.layers:
+                layer.batch_select_indices(keep)
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=positions,
+                    cache=cache, use_cache=True)
+    return results
+
+
+class LocalTeacher:
+    """A local causal LM plus its tokenizer, answering prompt texts in batches.
+
+    Args:
+        model: a causal LM in eval mode.
+        tokenizer: its tokenizer (a pad token set).
+        identity: a content fingerprint of the model (see `distil.models.resolve`).
+        name: a short name for reports.
+    """
+
+    def __init__(self, model, tokenizer, identity: str, name: str):
+        self.model, self.tokenizer, self.identity, self.name = model, tokenizer, identity, name
+        self.stop_ids = stop_token_ids(tokenizer, model)
+
+    def encode(self, prompt_text: str) -> list[int]:
+        # Chat-templated prompts already carry their special tokens.
+        return self.tokenizer(prompt_text, add_special_tokens=not self.tokenizer.chat_template)["input_ids"]
+
+    def generate(self, prompt_texts: list[str], settings, *, on_row: Callable[[int, Generation], None] | None = None
+                 ) -> Iterator[tuple[list[int], list[Generation]]]:
+        """Generate for all prompts, longest batches first is not needed: sorted by length.
+
+        Args:
+            prompt_texts: formatted prompts (chat template applied).
+            settings: a `GenerateConfig` (max_new_tokens, do_sample, temperature, top_p, top_k, batch_size, seed).
+        Yields:
+            (indices into prompt_texts, their Generations), one batch at a time.
+        """
+        encoded = [self.encode(t) for t in prompt_texts]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        generator = torch.Generator().manual_seed(settings.seed) if settings.do_sample else None
+        for start in range(0, len(order), settings.batch_size):
+            idx = order[start:start + settings.batch_size]
+            gens = generate_batch(
+                self.model, [encoded[i] for i in idx], pad_id=self.tokenizer.pad_token_id, stop_ids=self.stop_ids,
+                max_new_tokens=settings.max_new_tokens, top_k=settings.top_k, do_sample=settings.do_sample,
+                temperature=settings.temperature, top_p=settings.top_p, generator=generator)
+            for g in gens:
+                g.text = self.tokenizer.decode(g.token_ids, skip_special_tokens=True).strip()
+            yield idx, gens
