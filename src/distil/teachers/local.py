@@ -9,7 +9,7 @@ rows that finished dropped from the batch (and its KV cache) instead of padded a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
@@ -134,21 +134,24 @@ class LocalTeacher:
         self.model, self.tokenizer, self.identity, self.name = model, tokenizer, identity, name
         self.stop_ids = stop_token_ids(tokenizer, model)
 
-    def encode(self, prompt_text: str) -> list[int]:
+    def encode(self, prompt_text: str, max_tokens: int | None = None) -> list[int]:
+        """Token ids of a formatted prompt, keeping its last `max_tokens` tokens."""
         # Chat-templated prompts already carry their special tokens.
-        return self.tokenizer(prompt_text, add_special_tokens=not self.tokenizer.chat_template)["input_ids"]
+        ids = self.tokenizer(prompt_text, add_special_tokens=not self.tokenizer.chat_template)["input_ids"]
+        return ids[-max_tokens:] if max_tokens else ids
 
-    def generate(self, prompt_texts: list[str], settings, *, on_row: Callable[[int, Generation], None] | None = None
+    def generate(self, prompt_texts: list[str], settings, *, max_prompt_tokens: int | None = None
                  ) -> Iterator[tuple[list[int], list[Generation]]]:
-        """Generate for all prompts, longest batches first is not needed: sorted by length.
+        """Generate for all prompts in batches of similar length (sorted), so little is padding.
 
         Args:
             prompt_texts: formatted prompts (chat template applied).
             settings: a `GenerateConfig` (max_new_tokens, do_sample, temperature, top_p, top_k, batch_size, seed).
+            max_prompt_tokens: longer prompts keep their last this-many tokens.
         Yields:
             (indices into prompt_texts, their Generations), one batch at a time.
         """
-        encoded = [self.encode(t) for t in prompt_texts]
+        encoded = [self.encode(t, max_prompt_tokens) for t in prompt_texts]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         generator = torch.Generator().manual_seed(settings.seed) if settings.do_sample else None
         for start in range(0, len(order), settings.batch_size):

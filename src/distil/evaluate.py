@@ -1,0 +1,245 @@
+"""Score teacher, student and baseline side by side, and write the report card.
+
+Metrics on the held-out split:
+  - token_f1: generated answer against `reference` (SQuAD-style token F1), where rows have one;
+  - top1_agreement: the model's most likely next token equals the teacher's, on the teacher's
+    held-out text;
+  - teacher_kl: KL(teacher || model) over the cached top-k + tail buckets, same positions;
+  - perplexity: on the teacher's held-out text; perplexity_reference: on the reference answers;
+and per model: parameters, size on disk, tokens/s and latency (batch 1, greedy), peak memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import string
+from pathlib import Path
+
+import torch
+
+from distil.cache import TeacherCache
+from distil.errors import DistilError
+from distil.losses import cross_entropy, sparse_forward_kl
+from distil.teachers.local import generate_batch
+from distil.train import collate
+
+
+def _normalize(text: str) -> list[str]:
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return text.split()
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style token F1 between two texts (lower-cased, punctuation and articles removed)."""
+    pred, ref = _normalize(prediction), _normalize(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+@torch.inference_mode()
+def score_on_teacher_text(model, rows: list[dict], *, pad_id: int, batch_size: int = 16) -> list[dict]:
+    """Per row: tokens, top-1 agreements with the teacher, summed KL(teacher || model) and NLL."""
+    results = []
+    head = model.get_output_embeddings()
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        batch = collate(chunk, pad_id)
+        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        logits = head(hidden.flatten(0, 1)[batch.target_pos]).float()
+        agree = (logits.argmax(-1) == batch.topk_ids[:, 0]).float()
+        kl = sparse_forward_kl(logits, batch.topk_ids, batch.topk_logprobs, batch.tail_logprob, reduction="none")
+        nll = cross_entropy(logits, batch.targets, reduction="none")
+        offset = 0
+        for row in chunk:
+            n = len(row["token_ids"])
+            sl = slice(offset, offset + n)
+            results.append({"n": n, "agree": agree[sl].sum().item(), "kl": kl[sl].sum().item(), "nll": nll[sl].sum().item()})
+            offset += n
+    return results
+
+
+def reference_rows(cache_rows: list[dict], references: list[str | None], tokenizer) -> list[dict]:
+    """Rows shaped like cache rows whose 'teacher text' is the reference answer (for its perplexity)."""
+    out = []
+    for row, ref in zip(cache_rows, references):
+        if not ref:
+            continue
+        ids = tokenizer(ref, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        out.append({"prompt_ids": row["prompt_ids"], "token_ids": ids, "topk_ids": [[t] for t in ids],
+                    "topk_logprobs": [[0.0]] * len(ids), "tail_logprob": [float("-inf")] * len(ids)})
+    return out
+
+
+def generate_answers(model, tokenizer, rows: list[dict], *, max_new_tokens: int, batch_size: int, stop_ids) -> list[str]:
+    """Greedy answers for the cached prompts, batched."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt_ids"]))
+    texts: list[str] = [""] * len(rows)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        gens = generate_batch(model, [rows[i]["prompt_ids"] for i in idx], pad_id=tokenizer.pad_token_id,
+                              stop_ids=stop_ids, max_new_tokens=max_new_tokens, top_k=1)
+        for i, g in zip(idx, gens):
+            texts[i] = tokenizer.decode(g.token_ids, skip_special_tokens=True).strip()
+    return texts
+
+
+def retention(teacher: float | None, model: float | None, higher_is_better: bool) -> float | None:
+    """Model relative to teacher, oriented so 1.0 means as good as the teacher (None if undefined)."""
+    if teacher is None or model is None:
+        return None
+    if higher_is_better:
+        return model / teacher if teacher > 0 else None
+    return teacher / model if model > 0 else None
+
+
+def summarize(scores: list[dict]) -> dict:
+    """Corpus-level agreement, KL and perplexity from per-row sums."""
+    n = sum(s["n"] for s in scores)
+    return {"top1_agreement": sum(s["agree"] for s in scores) / n, "teacher_kl": sum(s["kl"] for s in scores) / n,
+            "perplexity": math.exp(sum(s["nll"] for s in scores) / n)}
+
+
+def weights_size(directory: Path) -> int:
+    return sum(f.stat().st_size for f in Path(directory).iterdir() if f.suffix in (".safetensors", ".bin"))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _read_logs(out: Path) -> dict[str, list[dict]]:
+    logs = {}
+    for path in sorted((out / "logs").glob("*.jsonl")):
+        logs[path.stem] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return logs
+
+
+def evaluate_run(recipe, view, examples, rows: list[dict]) -> dict:
+    """Score teacher, student and (if trained) baseline; write <out>/report.json and report.html.
+
+    Args:
+        recipe: the validated recipe.
+        view: a `distil.pipeline.TeacherPrompts` (teacher source and tokenizer).
+        examples: the held-out examples, aligned with `rows`.
+        rows: their teacher-cache rows.
+    """
+    from distil.models import count_params, load_causal_lm
+    from distil.report import write_html_report
+    from distil.speed import measure_in_subprocess
+    from distil.teachers.local import stop_token_ids
+
+    out = recipe.out_dir
+    tokenizer, pad_id = view.tokenizer, view.tokenizer.pad_token_id
+    names = ["student"] + (["baseline"] if recipe.eval.baseline and (out / "baseline").exists() else [])
+    if not (out / "student").exists():
+        raise DistilError("no trained student found; run `distil train` first", file=str(out / "student"))
+    references = [ex.reference for ex in examples]
+    ref_rows = reference_rows(rows, references, tokenizer)
+    bs, new_tokens = recipe.eval.batch_size, recipe.generate.max_new_tokens
+
+    teacher = view.load_model()
+    stop_ids = stop_token_ids(tokenizer, teacher)
+    scores = {"teacher": [{"n": len(r["token_ids"]), "agree": float(len(r["token_ids"])), "kl": 0.0,
+                           "nll": -sum(r["token_logprobs"])} for r in rows]}
+    ref_scores = {"teacher": score_on_teacher_text(teacher, ref_rows, pad_id=pad_id, batch_size=bs)}
+    answers = {"teacher": [r["text"] for r in rows]}
+    info = {"teacher": {"name": view.source.name, "params": count_params(teacher),
+                        "size_bytes": weights_size(view.source.directory), "path": str(view.source.directory)}}
+    del teacher
+    for name in names:
+        model = load_causal_lm(out / name)
+        scores[name] = score_on_teacher_text(model, rows, pad_id=pad_id, batch_size=bs)
+        ref_scores[name] = score_on_teacher_text(model, ref_rows, pad_id=pad_id, batch_size=bs)
+        answers[name] = generate_answers(model, tokenizer, rows, max_new_tokens=new_tokens, batch_size=bs, stop_ids=stop_ids)
+        info[name] = {"name": name if name == "student" else "baseline (cross-entropy only)",
+                      "params": count_params(model), "size_bytes": weights_size(out / name), "path": str(out / name)}
+        del model
+
+    speed_prompts = [r["prompt_ids"] for r in rows[: recipe.eval.speed_prompts]]
+    for name, directory in [("teacher", view.source.directory)] + [(n, out / n) for n in names]:
+        info[name].update(measure_in_subprocess(str(directory), speed_prompts))
+
+    values: dict[str, dict[str, float]] = {}
+    for name in info:
+        values[name] = summarize(scores[name])
+        if ref_rows:
+            values[name]["perplexity_reference"] = math.exp(sum(s["nll"] for s in ref_scores[name]) / sum(s["n"] for s in ref_scores[name]))
+        pairs = [(a, r) for a, r in zip(answers[name], references) if r]
+        if pairs:
+            values[name]["token_f1"] = sum(token_f1(a, r) for a, r in pairs) / len(pairs)
+    higher = {"token_f1": True, "top1_agreement": True, "teacher_kl": False, "perplexity": False, "perplexity_reference": False}
+    described = {"token_f1": "token F1 of greedy answers against the reference",
+                 "top1_agreement": "share of held-out teacher tokens where the model's top-1 token is the teacher's",
+                 "teacher_kl": "KL(teacher || model) per token over top-k + tail buckets, on held-out teacher text",
+                 "perplexity": "perplexity of the teacher's held-out answers",
+                 "perplexity_reference": "perplexity of the held-out reference answers"}
+    metrics = {}
+    for metric in [m for m in higher if m in values["teacher"]]:
+        entry = {name: values[name][metric] for name in info}
+        entry.update(higher_is_better=higher[metric], description=described[metric],
+                     retention=None if metric == "teacher_kl" else retention(entry["teacher"], entry["student"], higher[metric]))
+        metrics[metric] = entry
+
+    per_category = _per_category(examples, rows, scores, answers, references)
+    compression = info["teacher"]["params"] / info["student"]["params"]
+    speedup = info["student"]["tokens_per_s"] / info["teacher"]["tokens_per_s"]
+    report = {
+        "recipe": recipe.source, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {platform.machine()}",
+        "headline": _headline(metrics, compression, speedup),
+        **info, "compression": compression, "speedup": speedup, "metrics": metrics, "per_category": per_category,
+        "eval_rows": len(rows),
+        "cache": {"path": str(recipe.cache_dir), "bytes": TeacherCache(recipe.cache_dir).size_bytes(),
+                  "rows": len(TeacherCache(recipe.cache_dir).keys())},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    with open(out / "eval_answers.jsonl", "w") as f:
+        for i, ex in enumerate(examples):
+            f.write(json.dumps({"prompt": ex.messages[-1]["content"], "reference": ex.reference,
+                                **{name: answers[name][i] for name in answers}}, ensure_ascii=False) + "\n")
+    write_html_report(report, out / "report.html", train_logs=_read_logs(out))
+    return report
+
+
+def _per_category(examples, rows, scores, answers, references) -> dict:
+    """Retention of token F1 and top-1 agreement within each category (when rows have one)."""
+    groups: dict[str, list[int]] = collections.defaultdict(list)
+    for i, ex in enumerate(examples):
+        if ex.category:
+            groups[ex.category].append(i)
+    result = {}
+    for category, idx in sorted(groups.items()):
+        entry = {"n": len(idx), "retention": {}}
+        agree = {name: sum(scores[name][i]["agree"] for i in idx) / sum(scores[name][i]["n"] for i in idx) for name in ("teacher", "student")}
+        entry["retention"]["top1_agreement"] = agree["student"]
+        with_ref = [i for i in idx if references[i]]
+        if with_ref:
+            f1 = {name: sum(token_f1(answers[name][i], references[i]) for i in with_ref) / len(with_ref) for name in ("teacher", "student")}
+            entry["retention"]["token_f1"] = retention(f1["teacher"], f1["student"], True)
+        result[category] = entry
+    return result
+
+
+def _headline(metrics: dict, compression: float, speedup: float) -> str:
+    parts = []
+    if "token_f1" in metrics and metrics["token_f1"]["retention"] is not None:
+        parts.append(f"keeps {metrics['token_f1']['retention']:.0%} of the teacher's token F1")
+    if "top1_agreement" in metrics:
+        parts.append(f"agrees with the teacher on {metrics['top1_agreement']['student']:.0%} of next tokens")
+    return f"The student {' and '.join(parts)}, at {compression:.1f}x fewer parameters and {speedup:.1f}x the teacher's tokens/s."

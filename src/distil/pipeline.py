@@ -1,0 +1,181 @@
+"""The four stages as functions: generate, train, evaluate, and run (all three in order).
+
+Each takes a validated `Recipe`. Data files are checked before any model loads, and each
+stage skips work that is already done (cached rows, a trained student with the same recipe).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from distil import models
+from distil.cache import TeacherCache, row_key
+from distil.data import Example, format_prompt, load_examples
+from distil.errors import DistilError
+from distil.progress import progress_bar
+from distil.recipe import Recipe
+
+
+def load_data(recipe: Recipe) -> tuple[list[Example], list[Example]]:
+    """The train and held-out examples (validated; capped by data.max_train / data.max_eval)."""
+    train = load_examples(recipe.resolve(recipe.data.train))
+    held_out = load_examples(recipe.resolve(recipe.data.eval))
+    return train[: recipe.data.max_train], held_out[: recipe.data.max_eval]
+
+
+def generation_settings(recipe: Recipe) -> dict:
+    """The settings that change what the teacher writes: part of every cache key."""
+    g = recipe.generate
+    settings = {"max_new_tokens": g.max_new_tokens, "do_sample": g.do_sample, "top_k": g.top_k,
+                "max_prompt_tokens": recipe.data.max_prompt_tokens}
+    if g.do_sample:
+        settings.update(temperature=g.temperature, top_p=g.top_p, seed=g.seed)
+    return settings
+
+
+class TeacherPrompts:
+    """The teacher's view of a recipe's examples: formatted prompts and their cache keys."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.source = models.resolve(recipe.teacher.model, recipe.teacher.gguf_file)
+        self.tokenizer = models.load_tokenizer(self.source.directory, recipe.teacher.trust_remote_code)
+        self.settings = generation_settings(recipe)
+
+    def prompts(self, examples: list[Example]) -> list[str]:
+        return [format_prompt(self.tokenizer, ex.messages, self.recipe.data.system_prompt) for ex in examples]
+
+    def keys(self, examples: list[Example]) -> list[str]:
+        return [row_key(self.source.identity, p, self.settings) for p in self.prompts(examples)]
+
+    def load_model(self):
+        return models.load_causal_lm(self.source.directory, self.recipe.teacher.dtype, self.recipe.teacher.trust_remote_code)
+
+
+def _cached_rows(recipe: Recipe, keys: list[str], split: str) -> list[dict]:
+    rows = TeacherCache(recipe.cache_dir).read(set(keys))
+    missing = sum(k not in rows for k in keys)
+    if missing:
+        raise DistilError(f"{missing} of {len(keys)} {split} rows are not in the teacher cache; run `distil generate` first",
+                          file=str(recipe.cache_dir))
+    return [rows[k] for k in keys]
+
+
+def generate(recipe: Recipe) -> dict:
+    """Ask the teacher about every train and held-out prompt not yet cached; write cache shards.
+
+    Returns a summary: rows total, generated now, already cached, tokens, seconds, tokens/s.
+    """
+    from distil.teachers.local import LocalTeacher
+
+    train_ex, eval_ex = load_data(recipe)
+    view = TeacherPrompts(recipe)
+    prompts = view.prompts(train_ex + eval_ex)
+    keys = view.keys(train_ex + eval_ex)
+    cache = TeacherCache(recipe.cache_dir)
+    cache.remove_stale_temporaries()
+    done = cache.keys()
+    todo: dict[str, str] = {k: p for k, p in zip(keys, prompts) if k not in done}
+    summary = {"rows": len(set(keys)), "cached_before": len(set(keys)) - len(todo), "generated": 0, "tokens": 0,
+               "seconds": 0.0, "cache": str(cache.root)}
+    if not todo:
+        return summary
+    teacher = LocalTeacher(view.load_model(), view.tokenizer, view.source.identity, view.source.name)
+    todo_keys, todo_prompts = list(todo), list(todo.values())
+    t0 = time.time()
+    with progress_bar() as bar:
+        task = bar.add_task("generate", total=len(todo_keys), status="")
+        for idx, gens in teacher.generate(todo_prompts, recipe.generate, max_prompt_tokens=recipe.data.max_prompt_tokens):
+            cache.write_shard([{"key": todo_keys[i], "teacher": teacher.name, "prompt": todo_prompts[i], **g.__dict__}
+                               for i, g in zip(idx, gens)])
+            summary["generated"] += len(gens)
+            summary["tokens"] += sum(len(g.token_ids) for g in gens)
+            bar.update(task, advance=len(gens), status=f"{summary['tokens'] / (time.time() - t0):.0f} tok/s")
+    summary["seconds"] = round(time.time() - t0, 2)
+    summary["tokens_per_s"] = round(summary["tokens"] / summary["seconds"], 1)
+    return summary
+
+
+def _fingerprint(recipe: Recipe, keys: list[str], alpha: float) -> str:
+    blob = json.dumps({"student": recipe.student.model_dump(), "train": recipe.train.model_dump(), "alpha": alpha,
+                       "keys": sorted(keys)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _is_done(folder: Path, fingerprint: str) -> bool:
+    marker = folder / "distil_train.json"
+    return marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fingerprint
+
+
+def train(recipe: Recipe, resume: bool = False) -> dict:
+    """Train the student on the cached soft targets (and, with eval.baseline, the cross-entropy baseline).
+
+    Saves `<out>/student` (and `<out>/baseline`) as plain Hugging Face model folders. A run
+    whose model folder already matches the recipe is skipped.
+    """
+    from distil.train import train_student
+
+    train_ex, _ = load_data(recipe)
+    view = TeacherPrompts(recipe)
+    keys = view.keys(train_ex)
+    rows = _cached_rows(recipe, keys, "train")
+    runs = [("student", recipe.train.alpha)] + ([("baseline", 1.0)] if recipe.eval.baseline else [])
+    out = recipe.out_dir
+    summaries = {}
+    teacher = None
+    for name, alpha in runs:
+        fingerprint = _fingerprint(recipe, keys, alpha)
+        folder = out / name
+        if _is_done(folder, fingerprint):
+            summaries[name] = {"skipped": True, **json.loads((folder / "distil_train.json").read_text())["summary"]}
+            continue
+        if teacher is None and recipe.student.model is None:
+            teacher = view.load_model()
+        torch.manual_seed(recipe.train.seed)
+        student = models.build_student(recipe.student, teacher)
+        with progress_bar() as bar:
+            summary = train_student(student, rows, recipe.train, pad_id=view.tokenizer.pad_token_id, out_dir=out,
+                                    run_name=name, alpha=alpha, resume=resume, progress=bar)
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        student.save_pretrained(tmp)
+        view.tokenizer.save_pretrained(tmp)
+        (tmp / "distil_train.json").write_text(json.dumps({"fingerprint": fingerprint, "alpha": alpha, "summary": summary}, indent=2))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        summaries[name] = summary
+    return summaries
+
+
+def evaluate(recipe: Recipe) -> dict:
+    """Score teacher, student and baseline on the held-out split; write report.json and report.html."""
+    from distil.evaluate import evaluate_run
+
+    _, eval_ex = load_data(recipe)
+    view = TeacherPrompts(recipe)
+    rows = _cached_rows(recipe, view.keys(eval_ex), "held-out")
+    return evaluate_run(recipe, view, eval_ex, rows)
+
+
+def run(recipe: Recipe) -> dict:
+    """generate -> train (resuming from checkpoints) -> evaluate; finished work is skipped."""
+    timings = {}
+    t = time.time()
+    gen = generate(recipe)
+    timings["generate"] = round(time.time() - t, 1)
+    t = time.time()
+    trained = train(recipe, resume=True)
+    timings["train"] = round(time.time() - t, 1)
+    t = time.time()
+    report = evaluate(recipe)
+    timings["evaluate"] = round(time.time() - t, 1)
+    return {"generate": gen, "train": trained, "report": report, "timings_s": timings}

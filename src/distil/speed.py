@@ -1,0 +1,61 @@
+"""Time a model's generation and peak memory in a fresh process.
+
+Run as `python -m distil.speed MODEL_DIR PROMPTS_JSON` (PROMPTS_JSON holds lists of token ids);
+prints one JSON object. A fresh process per model keeps one model's memory from hiding
+another's: peak memory is the process's peak resident set minus its size before loading.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def measure(model_dir: str, prompts: list[list[int]], max_new_tokens: int = 32) -> dict:
+    """Greedy-generate `max_new_tokens` for each prompt, one at a time (no early stop).
+
+    Returns tokens_per_s, latency_s (mean seconds per request) and peak_memory_bytes.
+    """
+    import torch
+
+    from distil.models import load_causal_lm
+    from distil.teachers.local import generate_batch
+
+    before = _rss_bytes()
+    model = load_causal_lm(model_dir)
+    kwargs = dict(pad_id=0, stop_ids=set(), max_new_tokens=max_new_tokens, top_k=1)
+    generate_batch(model, [prompts[0]], **kwargs)  # warm-up: first-call allocations and kernel selection
+    times = []
+    for ids in prompts:
+        t0 = time.perf_counter()
+        generate_batch(model, [ids], **kwargs)
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"tokens_per_s": len(prompts) * max_new_tokens / sum(times), "latency_s": sum(times) / len(times),
+            "peak_memory_bytes": peak - before, "threads": torch.get_num_threads()}
+
+
+def measure_in_subprocess(model_dir: str, prompts: list[list[int]], max_new_tokens: int = 32) -> dict:
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(prompts, f)
+    proc = subprocess.run([sys.executable, "-m", "distil.speed", str(model_dir), f.name, str(max_new_tokens)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"speed measurement failed for {model_dir}:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    model_dir, prompts_file, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    with open(prompts_file) as f:
+        print(json.dumps(measure(model_dir, json.load(f), new_tokens)))

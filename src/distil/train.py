@@ -1,0 +1,244 @@
+"""The training loop: a student learns the teacher's cached soft targets.
+
+One plain loop (nanoGPT-style) run through Hugging Face Accelerate, so `accelerate launch`
+gives data parallelism unchanged and one CPU gives a plain loop. Losses are summed per token
+and divided by the number of target tokens in the whole global batch (all micro-batches,
+all processes), so gradient accumulation and data parallelism do not change the loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from distil.errors import DistilError
+from distil.losses import cross_entropy, sparse_forward_kl
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor       # (B, L) right-padded prompt + teacher text (last token dropped)
+    attention_mask: torch.Tensor  # (B, L)
+    target_pos: torch.Tensor      # (N,) flat positions in (B*L) that predict a teacher token
+    targets: torch.Tensor         # (N,) the teacher's tokens
+    topk_ids: torch.Tensor        # (N, k)
+    topk_logprobs: torch.Tensor   # (N, k)
+    tail_logprob: torch.Tensor    # (N,)
+
+    def to(self, device) -> "Batch":
+        return Batch(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+
+def collate(rows: list[dict], pad_id: int) -> Batch:
+    """Cache rows -> one right-padded batch with the flat positions of the teacher's tokens."""
+    seqs = [(r["prompt_ids"] + r["token_ids"])[:-1] for r in rows]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    positions, targets, topk_ids, topk_lp, tail = [], [], [], [], []
+    for i, (row, seq) in enumerate(zip(rows, seqs)):
+        input_ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        start = len(row["prompt_ids"]) - 1
+        positions.extend(i * width + start + j for j in range(len(row["token_ids"])))
+        targets.extend(row["token_ids"])
+        topk_ids.extend(row["topk_ids"])
+        topk_lp.extend(row["topk_logprobs"])
+        tail.extend(row["tail_logprob"])
+    return Batch(input_ids, mask, torch.tensor(positions), torch.tensor(targets), torch.tensor(topk_ids),
+                 torch.tensor(topk_lp, dtype=torch.float32), torch.tensor(tail, dtype=torch.float32))
+
+
+class DistillationObjective(nn.Module):
+    """Student + loss in one module, so DDP sees a single forward.
+
+    The student's logits are computed only at positions that predict a teacher token, in
+    chunks of `chunk_tokens`; when there are several chunks each is recomputed in backward
+    (activation checkpointing), so the batch's full logits never exist at once.
+
+    Returns per call the *sums* over target tokens of (loss, cross-entropy, divergence),
+    where loss = alpha * CE + (1 - alpha) * temperature**2 * KL(teacher || student).
+    """
+
+    def __init__(self, student: nn.Module, *, alpha: float, temperature: float, chunk_tokens: int = 2048):
+        super().__init__()
+        self.student, self.alpha, self.temperature, self.chunk_tokens = student, alpha, temperature, chunk_tokens
+
+    def _chunk(self, hidden, targets, topk_ids, topk_logprobs, tail):
+        logits = self.student.get_output_embeddings()(hidden)
+        ce = cross_entropy(logits, targets, reduction="sum")
+        if self.alpha == 1.0:
+            return ce, ce, torch.zeros_like(ce)
+        kd = sparse_forward_kl(logits, topk_ids, topk_logprobs, tail, temperature=self.temperature, reduction="sum")
+        return self.alpha * ce + (1 - self.alpha) * self.temperature ** 2 * kd, ce, kd
+
+    def forward(self, batch: Batch):
+        hidden = self.student.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        hidden = hidden.flatten(0, 1)[batch.target_pos]
+        n = hidden.shape[0]
+        parts = []
+        for s in range(0, n, self.chunk_tokens):
+            args = (hidden[s:s + self.chunk_tokens], batch.targets[s:s + self.chunk_tokens],
+                    batch.topk_ids[s:s + self.chunk_tokens], batch.topk_logprobs[s:s + self.chunk_tokens],
+                    batch.tail_logprob[s:s + self.chunk_tokens])
+            parts.append(checkpoint(self._chunk, *args, use_reentrant=False) if n > self.chunk_tokens else self._chunk(*args))
+        return tuple(torch.stack(p).sum() for p in zip(*parts))
+
+
+def lr_lambda(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate at `step`: linear warmup, then the schedule."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * shape
+
+
+def micro_batch_order(n_rows: int, micro_batch: int, seed: int, start: int, count: int) -> list[list[int]]:
+    """Row indices of micro-batches start..start+count, drawn epoch by epoch from a seeded shuffle.
+
+    A pure function of (seed, position), so a resumed run sees exactly the batches an
+    uninterrupted one would.
+    """
+    per_epoch = max(1, n_rows // micro_batch)
+    batches, cache = [], {}
+    for i in range(start, start + count):
+        epoch, j = divmod(i, per_epoch)
+        if epoch not in cache:
+            cache[epoch] = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        batches.append(cache[epoch][j * micro_batch:(j + 1) * micro_batch])
+    return batches
+
+
+def _save_checkpoint(folder: Path, step: int, student, optimizer, scheduler, keep: int = 2) -> None:
+    tmp = folder / f".step-{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "train_state.pt")
+    os.replace(tmp, folder / f"step-{step:07d}")
+    for old in sorted(folder.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    done = [p for p in sorted(folder.glob("step-*")) if (p / "train_state.pt").exists()]
+    return done[-1] if done else None
+
+
+def train_student(student, rows: list[dict], cfg, *, pad_id: int, out_dir: Path, run_name: str,
+                  alpha: float | None = None, resume: bool = False, progress=None) -> dict:
+    """Train `student` in place on cache rows; checkpoints and metrics go under `out_dir`.
+
+    Args:
+        student: a causal LM (its weights are updated).
+        rows: teacher-cache rows (dicts with prompt_ids, token_ids, topk_* and tail_logprob).
+        cfg: the recipe's `train` section.
+        pad_id: padding token id.
+        out_dir: run folder; writes checkpoints/<run_name>/ and logs/<run_name>.jsonl.
+        run_name: "student" or "baseline".
+        alpha: overrides cfg.alpha (the cross-entropy-only baseline uses 1.0).
+        resume: continue from the latest checkpoint of this run, if any.
+        progress: a `distil.progress.progress_bar()` to report to, or None.
+
+    Returns:
+        A summary: steps, final loss, tokens seen, seconds.
+    """
+    from accelerate import Accelerator
+
+    if not rows:
+        raise DistilError("no teacher-cache rows to train on", field="data.train")
+    alpha = cfg.alpha if alpha is None else alpha
+    accelerator = Accelerator()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    if cfg.freeze_embeddings:
+        student.get_input_embeddings().weight.requires_grad_(False)
+        student.get_output_embeddings().weight.requires_grad_(False)
+    objective = DistillationObjective(student, alpha=alpha, temperature=cfg.temperature)
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
+        s, warmup=cfg.warmup, total=cfg.steps, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio))
+    ckpt_dir = out_dir / "checkpoints" / run_name
+    log_path = out_dir / "logs" / f"{run_name}.jsonl"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    start_step = 0
+    found = latest_checkpoint(ckpt_dir) if resume else None
+    if found is not None:
+        from safetensors.torch import load_model
+        load_model(student, found / "model.safetensors", strict=False)
+        state = torch.load(found / "train_state.pt", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        start_step = state["step"]
+        _truncate_log(log_path, start_step)
+    elif log_path.exists():
+        log_path.unlink()
+
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    objective.train()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro_per_step = cfg.grad_accum * world
+    task = progress.add_task(f"train {run_name}", total=cfg.steps, completed=start_step, status="") if progress else None
+    t0, tokens_seen, last = time.time(), 0, {}
+    for step in range(start_step, cfg.steps):
+        order = micro_batch_order(len(rows), cfg.batch_size, cfg.seed, step * micro_per_step, micro_per_step)
+        mine = [order[i] for i in range(rank, micro_per_step, world)]
+        batches = [collate([rows[i] for i in idx], pad_id).to(accelerator.device) for idx in mine]
+        local_tokens = torch.tensor(float(sum(b.targets.numel() for b in batches)), device=accelerator.device)
+        global_tokens = accelerator.reduce(local_tokens, reduction="sum").item()
+        sums = torch.zeros(3)
+        for i, batch in enumerate(batches):
+            sync = i == len(batches) - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(objective):
+                loss, ce, kd = objective(batch)
+                # DDP averages gradients over processes: scale so the result is sum / global tokens.
+                accelerator.backward(loss * world / global_tokens)
+            sums += torch.stack([loss.detach(), ce.detach(), kd.detach()]).cpu()
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu() / global_tokens
+        tokens_seen += int(global_tokens)
+        last = {"step": step + 1, "loss": sums[0].item(), "ce": sums[1].item(), "kd": sums[2].item(),
+                "lr": scheduler.get_last_lr()[0], "tokens": int(global_tokens), "elapsed_s": round(time.time() - t0, 3)}
+        if accelerator.is_main_process:
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                _save_checkpoint(ckpt_dir, step + 1, accelerator.unwrap_model(objective).student, optimizer, scheduler)
+        if progress:
+            rate = (step + 1 - start_step) / (time.time() - t0)
+            progress.update(task, advance=1, status=f"{rate:.2f} step/s  loss {last['loss']:.3f}")
+    accelerator.wait_for_everyone()
+    return {"steps": cfg.steps, "resumed_from": start_step, "final": last, "tokens": tokens_seen,
+            "seconds": round(time.time() - t0, 2)}
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop metrics past `step`, so a resumed run's log has each step once."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
