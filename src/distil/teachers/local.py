@@ -64,28 +64,56 @@ def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: fl
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+MIN_SHARED_PREFIX = 4
+
+
+def _shared_prefix_len(prompt_ids: list[list[int]]) -> int:
+    """Length of the token prefix all prompts share, leaving every prompt at least one own token."""
+    first = prompt_ids[0]
+    n = min(len(p) for p in prompt_ids) - 1
+    for ids in prompt_ids[1:]:
+        n = min(n, next((i for i, (a, b) in enumerate(zip(first, ids)) if a != b), n))
+    return max(n, 0)
+
+
 @torch.inference_mode()
 def generate_batch(model, prompt_ids: list[list[int]], *, pad_id: int, stop_ids: set[int],
                    max_new_tokens: int, top_k: int, do_sample: bool = False, temperature: float = 1.0,
                    top_p: float = 1.0, generator: torch.Generator | None = None) -> list[Generation]:
     """Generate for one batch of tokenized prompts with a KV cache, keeping soft targets.
 
-    Rows are left-padded; position ids follow the attention mask so a row's output does not
-    depend on its neighbours. A row that emits a stop token leaves the batch.
+    A prefix shared by all prompts is computed once and its KV cache copied to every row;
+    the rest is left-padded, and position ids follow the attention mask so a row's output
+    does not depend on its neighbours. A row that emits a stop token leaves the batch.
     """
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompt_ids)
+    results = [Generation(prompt_ids=list(p)) for p in prompt_ids]
+    # Chat prompts share a long head (template + system prompt): run it once, not once per row.
+    shared = _shared_prefix_len(prompt_ids) if len(prompt_ids) > 1 else 0
+    cache, prefix_mask = None, None
+    if shared >= MIN_SHARED_PREFIX:
+        prefix = torch.tensor(prompt_ids[0][:shared], device=device)[None]
+        cache = model(input_ids=prefix, use_cache=True, logits_to_keep=1).cache
+        for layer in cache.layers:
+            layer.batch_repeat_interleave(len(prompt_ids))
+        prefix_mask = torch.ones((len(prompt_ids), shared), dtype=torch.long, device=device)
+    else:
+        shared = 0
+    suffixes = [p[shared:] for p in prompt_ids]
+    width = max(len(p) for p in suffixes)
     input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for i, ids in enumerate(prompt_ids):
+    for i, ids in enumerate(suffixes):
         input_ids[i, width - len(ids):] = torch.tensor(ids)
         mask[i, width - len(ids):] = 1
     input_ids, mask = input_ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    results = [Generation(prompt_ids=list(p)) for p in prompt_ids]
+    if prefix_mask is not None:
+        mask = torch.cat([prefix_mask, mask], dim=-1)  # [shared prefix | left padding | own suffix]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
     active = torch.arange(len(prompt_ids), device=device)  # rows of `results` still generating
     stop = torch.tensor(sorted(stop_ids), device=device)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                logits_to_keep=1)
     cache = out.cache
     for step in range(max_new_tokens):
         logits = out.logits[:, -1].float()
