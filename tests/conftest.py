@@ -118,10 +118,12 @@ def prompts_files(tmp_path) -> tuple[Path, Path]:
     """data/train.jsonl (24 rows) and data/eval.jsonl (8 rows with reference and category)."""
     data = tmp_path / "data"
     data.mkdir()
-    train = write_jsonl(data / "train.jsonl", [{"prompt": _prompt(i)} for i in range(24)])
+    prompts = [_prompt(i) for i in range(32)]
+    assert len(set(prompts)) == 32
+    train = write_jsonl(data / "train.jsonl", [{"prompt": p} for p in prompts[:24]])
     categories = ["science", "food", "chat"]
     evaluation = write_jsonl(data / "eval.jsonl", [
-        {"prompt": _prompt(100 + i), "reference": " ".join(PROMPT_WORDS[i:i + 4]), "category": categories[i % 3]}
+        {"prompt": prompts[24 + i], "reference": " ".join(PROMPT_WORDS[i:i + 4]), "category": categories[i % 3]}
         for i in range(8)])
     return train, evaluation
 

@@ -122,6 +122,8 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     Saves `<out>/student` (and `<out>/baseline`) as plain Hugging Face model folders. A run
     whose model folder already matches the recipe is skipped.
     """
+    from accelerate import PartialState
+
     from distil.train import train_student
 
     train_ex, _ = load_data(recipe)
@@ -145,6 +147,9 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
         with progress_bar() as bar:
             summary = train_student(student, rows, recipe.train, pad_id=view.tokenizer.pad_token_id, out_dir=out,
                                     run_name=name, alpha=alpha, resume=resume, progress=bar)
+        summaries[name] = summary
+        if not PartialState().is_main_process:  # under `accelerate launch`, one process saves
+            continue
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         student.save_pretrained(tmp)
@@ -152,7 +157,6 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
         (tmp / "distil_train.json").write_text(json.dumps({"fingerprint": fingerprint, "alpha": alpha, "summary": summary}, indent=2))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
-        summaries[name] = summary
     return summaries
 
 
