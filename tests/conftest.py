@@ -162,6 +162,14 @@ def load(recipe_path):
 
 def run_cli(*args: str, env_extra: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m distil.cli ARGS` in a fresh process; returns the completed process."""
-    env = {**os.environ, **(env_extra or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "distil.cli", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=str(REPO))
+
+
+def pytest_configure(config):
+    # The models here are tiny: one thread avoids thread start-up and contention costs, and
+    # keeps float results independent of the machine's core count.
+    import torch
+
+    torch.set_num_threads(1)

@@ -272,11 +272,3 @@ def test_cli_debug_shows_traceback(bad_key_recipe):
     assert "Traceback" in proc.stderr
     assert "train.stesp" in proc.stderr
 
-
-def test_cli_bad_override_one_line(tmp_path):
-    path = write(tmp_path, BASE)
-    proc = run_cli("generate", str(path), "train.stesp=5")
-    assert proc.returncode != 0
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert "command line" in lines[0] and "train.stesp" in lines[0]

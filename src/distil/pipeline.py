@@ -124,7 +124,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     """
     from accelerate import PartialState
 
-    from distil.train import train_student
+    from distil.training import train_student
 
     train_ex, _ = load_data(recipe)
     view = TeacherPrompts(recipe)
@@ -146,7 +146,8 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
         student = models.build_student(recipe.student, teacher)
         with progress_bar() as bar:
             summary = train_student(student, rows, recipe.train, pad_id=view.tokenizer.pad_token_id, out_dir=out,
-                                    run_name=name, alpha=alpha, resume=resume, progress=bar)
+                                    run_name=name, alpha=alpha, resume=resume, fingerprint=fingerprint,
+                                    progress=bar)
         summaries[name] = summary
         if not PartialState().is_main_process:  # under `accelerate launch`, one process saves
             continue
@@ -162,7 +163,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
 
 def evaluate(recipe: Recipe) -> dict:
     """Score teacher, student and baseline on the held-out split; write report.json and report.html."""
-    from distil.evaluate import evaluate_run
+    from distil.evaluation import evaluate_run
 
     _, eval_ex = load_data(recipe)
     view = TeacherPrompts(recipe)

@@ -1,9 +1,32 @@
-"""Progress bars for long work: a rich bar with count, rate and ETA."""
+"""Progress bars for long work: a rich bar with count, rate and ETA.
+
+In a terminal the bar redraws in place; in a log (CI, a pipe) it prints one line every
+`log_every_s` seconds instead, so long jobs still show they are alive.
+"""
 
 from __future__ import annotations
 
+import time
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class _Progress(Progress):
+    log_every_s = 15.0
+
+    def update(self, task_id, **kwargs):
+        super().update(task_id, **kwargs)
+        if self.console.is_terminal:
+            return
+        task = self._tasks[task_id]
+        now = time.monotonic()
+        if now - getattr(task, "_last_log", 0.0) >= self.log_every_s or task.finished:
+            task._last_log = now
+            eta = f"{task.time_remaining:.0f}s" if task.time_remaining is not None else "?"
+            self.console.print(f"{task.description}: {task.completed:.0f}/{task.total:.0f} "
+                               f"{task.fields.get('status', '')} elapsed {task.elapsed or 0:.0f}s ETA {eta}",
+                               highlight=False)
 
 
 def progress_bar() -> Progress:
@@ -14,6 +37,6 @@ def progress_bar() -> Progress:
         ...     task = bar.add_task("generate", total=100, status="")
         ...     bar.update(task, advance=10, status="143 tok/s")
     """
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("[cyan]{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), console=Console(stderr=True), refresh_per_second=4)
+    return _Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                     TextColumn("[cyan]{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                     TimeRemainingColumn(), console=Console(stderr=True), refresh_per_second=4)

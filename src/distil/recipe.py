@@ -89,7 +89,8 @@ class TrainConfig(_Section):
 
 class EvalConfig(_Section):
     baseline: bool = True
-    max_new_tokens: int = Field(48, gt=0)
+    max_new_tokens: int | None = Field(None, gt=0, description="answer length (default: generate.max_new_tokens, "
+                                                                   "so the teacher's cached answers compare fairly)")
     batch_size: int = Field(16, gt=0)
     speed_prompts: int = Field(8, gt=0, description="prompts timed one at a time for tokens/s and latency")
 

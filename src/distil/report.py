@@ -503,7 +503,7 @@ def write_html_report(report: dict, out_path: str | os.PathLike, *,
     self-contained and opens offline.
 
     Args:
-        report: the report dict (see `distil.evaluate`).
+        report: the report dict (see `distil.evaluation`).
         out_path: where to write the HTML; parent folders are created. Written atomically.
         train_logs: optional run name ("student", "baseline", ...) -> list of metrics.jsonl
             records ({"step", "loss", "ce", "kd", ...}; any key may be missing).

@@ -27,7 +27,7 @@ from distil.cache import TeacherCache
 from distil.errors import DistilError
 from distil.losses import cross_entropy, sparse_forward_kl
 from distil.teachers.local import generate_batch
-from distil.train import collate
+from distil.training import collate
 
 
 def _normalize(text: str) -> list[str]:
@@ -150,7 +150,7 @@ def evaluate_run(recipe, view, examples, rows: list[dict]) -> dict:
         raise DistilError("no trained student found; run `distil train` first", file=str(out / "student"))
     references = [ex.reference for ex in examples]
     ref_rows = reference_rows(rows, references, tokenizer)
-    bs, new_tokens = recipe.eval.batch_size, recipe.generate.max_new_tokens
+    bs, new_tokens = recipe.eval.batch_size, recipe.eval.max_new_tokens or recipe.generate.max_new_tokens
 
     teacher = view.load_model()
     stop_ids = stop_token_ids(tokenizer, teacher)

@@ -124,12 +124,13 @@ def micro_batch_order(n_rows: int, micro_batch: int, seed: int, start: int, coun
 
 
 def _save_checkpoint(folder: Path, step: int, student, optimizer, scheduler, keep: int = 2) -> None:
-    tmp = folder / f".step-{step:07d}.tmp"
+    tmp, final = folder / f".step-{step:07d}.tmp", folder / f"step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(tmp)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "train_state.pt")
-    os.replace(tmp, folder / f"step-{step:07d}")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
     for old in sorted(folder.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -140,7 +141,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def train_student(student, rows: list[dict], cfg, *, pad_id: int, out_dir: Path, run_name: str,
-                  alpha: float | None = None, resume: bool = False, progress=None) -> dict:
+                  alpha: float | None = None, resume: bool = False, fingerprint: str = "", progress=None) -> dict:
     """Train `student` in place on cache rows; checkpoints and metrics go under `out_dir`.
 
     Args:
@@ -151,7 +152,9 @@ def train_student(student, rows: list[dict], cfg, *, pad_id: int, out_dir: Path,
         out_dir: run folder; writes checkpoints/<run_name>/ and logs/<run_name>.jsonl.
         run_name: "student" or "baseline".
         alpha: overrides cfg.alpha (the cross-entropy-only baseline uses 1.0).
-        resume: continue from the latest checkpoint of this run, if any.
+        resume: continue from the latest checkpoint of this run, if it was written for the
+            same `fingerprint`; otherwise checkpoints of an earlier, different run are removed.
+        fingerprint: identifies the training setup (recipe + data); stored with checkpoints.
         progress: a `distil.progress.progress_bar()` to report to, or None.
 
     Returns:
@@ -179,7 +182,13 @@ def train_student(student, rows: list[dict], cfg, *, pad_id: int, out_dir: Path,
     log_path.parent.mkdir(parents=True, exist_ok=True)
 
     start_step = 0
-    found = latest_checkpoint(ckpt_dir) if resume else None
+    stamp = ckpt_dir / "fingerprint.txt"
+    same_run = stamp.exists() and stamp.read_text() == fingerprint
+    if not (resume and same_run):
+        shutil.rmtree(ckpt_dir)
+        ckpt_dir.mkdir(parents=True)
+        stamp.write_text(fingerprint)
+    found = latest_checkpoint(ckpt_dir) if resume and same_run else None
     if found is not None:
         from safetensors.torch import load_model
         load_model(student, found / "model.safetensors", strict=False)
