@@ -56,7 +56,7 @@ def score_on_teacher_text(model, rows: list[dict], *, pad_id: int, batch_size: i
     head = model.get_output_embeddings()
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        batch = collate(chunk, pad_id)
+        batch = collate(chunk, pad_id).to(model.device)
         hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         logits = head(hidden.flatten(0, 1)[batch.target_pos]).float()
         agree = (logits.argmax(-1) == batch.topk_ids[:, 0]).float()

@@ -144,14 +144,20 @@ def load_tokenizer(directory: Path | str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_causal_lm(directory: Path | str, dtype: str = "float32", trust_remote_code: bool = False):
-    """Load a causal LM for inference (eval mode), with a clear error if it cannot be loaded."""
+def default_device() -> torch.device:
+    """The GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_causal_lm(directory: Path | str, dtype: str = "float32", trust_remote_code: bool = False,
+                   device: torch.device | str | None = None):
+    """Load a causal LM for inference (eval mode) on `device` (default: GPU if any), with a clear error."""
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DistilError(f"cannot load model: {first}", file=str(directory), field="model") from None
-    return model.eval()
+    return model.to(device or default_device()).eval()
 
 
 def count_params(model) -> int:

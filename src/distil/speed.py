@@ -21,7 +21,8 @@ def _rss_bytes() -> int:
 def measure(model_dir: str, prompts: list[list[int]], max_new_tokens: int = 32) -> dict:
     """Greedy-generate `max_new_tokens` for each prompt, one at a time (no early stop).
 
-    Returns tokens_per_s, latency_s (mean seconds per request) and peak_memory_bytes.
+    Returns tokens_per_s, latency_s (mean seconds per request) and peak_memory_bytes (GPU memory
+    allocated on a GPU; resident-set growth on a CPU).
     """
     import torch
 
@@ -36,10 +37,17 @@ def measure(model_dir: str, prompts: list[list[int]], max_new_tokens: int = 32) 
     for ids in prompts:
         t0 = time.perf_counter()
         generate_batch(model, [ids], **kwargs)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"tokens_per_s": len(prompts) * max_new_tokens / sum(times), "latency_s": sum(times) / len(times),
-            "peak_memory_bytes": peak - before, "threads": torch.get_num_threads()}
+    result = {"tokens_per_s": len(prompts) * max_new_tokens / sum(times), "latency_s": sum(times) / len(times),
+              "device": str(model.device)}
+    if model.device.type == "cuda":
+        result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()  # GPU memory is what limits there
+    else:
+        result["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        result["threads"] = torch.get_num_threads()
+    return result
 
 
 def measure_in_subprocess(model_dir: str, prompts: list[list[int]], max_new_tokens: int = 32) -> dict:

@@ -111,7 +111,7 @@ def generate_batch(model, prompt_ids: list[list[int]], *, pad_id: int, stop_ids:
         mask = torch.cat([prefix_mask, mask], dim=-1)  # [shared prefix | left padding | own suffix]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
     active = torch.arange(len(prompt_ids), device=device)  # rows of `results` still generating
-    stop = torch.tensor(sorted(stop_ids), device=device)
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                 logits_to_keep=1)
     cache = out.cache
