@@ -1,6 +1,6 @@
 """Peak memory of forward KL at SmolLM2's vocabulary: naive full logits vs `chunked_divergence`.
 
-    python bench/loss_memory.py --tokens 2048 --vocab 49152 --hidden 576 --chunk-tokens 256
+    python bench/loss_memory.py --tokens 2048 --vocab 49152 --hidden 576 --chunk-tokens 64,128,256
 
 Variants, each forward + backward of forward KL(p_t || p_s) at temperature 1, fp32, CPU:
 - naive: student logits (N, V) = hidden @ W.T and teacher logits (N, V) = teacher_hidden @ W_t.T
@@ -11,9 +11,10 @@ Variants, each forward + backward of forward KL(p_t || p_s) at temperature 1, fp
   computed before the measurement (they are what the teacher cache holds).
 
 Each variant runs in a fresh subprocess with the same seeded inputs. Its number is the peak
-RSS (ru_maxrss) minus the RSS just before the loss, after the inputs exist, a warm-up, and
-malloc_trim: the memory the loss and its backward add on top of the model's own tensors
-(the weight gradient, V x H, is included). Prints one JSON object and Markdown table rows.
+RSS (ru_maxrss, reset through /proc/self/clear_refs once the inputs exist and a warm-up has
+run) minus the RSS at that moment: the memory the loss and its backward add on top of the
+model's own tensors (the LM head's gradient, V x H = 108 MiB here, is included). The children
+run with MALLOC_MMAP_THRESHOLD_=65536 (see main). Prints one JSON object and Markdown rows.
 """
 
 from __future__ import annotations
@@ -68,16 +69,17 @@ def child(args) -> dict:
             loss = forward_kl(hidden @ weight.T, teacher_logits)
         elif args.variant == "chunked":
             loss = chunked_divergence(hidden, weight, teacher_hidden=t_hidden, teacher_lm_head_weight=t_weight,
-                                      chunk_tokens=args.chunk_tokens)
+                                      chunk_tokens=int(args.chunk_tokens))
         else:
             loss = chunked_divergence(hidden, weight, topk_ids=topk[0], topk_logprobs=topk[1], tail_logprob=topk[2],
-                                      chunk_tokens=args.chunk_tokens)
+                                      chunk_tokens=int(args.chunk_tokens))
         loss.backward()
         return loss
 
-    # Warm-up on a sliver of the work: thread pools and allocator caches are not the loss's memory.
-    with torch.no_grad():
-        forward_kl(hidden[:4] @ weight.T, t_hidden[:4] @ t_weight.T)
+    # Warm-up, forward and backward, on a sliver of the work: the first backward starts the
+    # autograd engine and BLAS buffers (~80 MiB here), a process cost, not the loss's memory.
+    forward_kl(hidden[:4] @ weight.T, t_hidden[:4] @ t_weight.T).backward()
+    hidden.grad = weight.grad = None
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     reset_peak_rss()
     before = rss_bytes()
@@ -110,7 +112,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--hidden", type=int, default=576)
-    parser.add_argument("--chunk-tokens", type=int, default=256)
+    parser.add_argument("--chunk-tokens", default="64,128,256", help="comma-separated chunk sizes to measure")
     parser.add_argument("--top-k", type=int, default=32, help="targets per token for chunked-sparse")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # set in the subprocess
@@ -119,18 +121,25 @@ def main():
         print(json.dumps(child(args)))
         return
 
+    # glibc's dynamic mmap threshold keeps freed tensors of up to 32 MiB in the heap, where
+    # fragmentation, not the loss, then decides RSS. A fixed small threshold gives every tensor
+    # its own mapping, returned on free, so RSS follows the live tensors. Same for all variants.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")}
+    runs = [(v, None) for v in args.variants.split(",") if v == "naive"]
+    runs += [(v, c) for c in args.chunk_tokens.split(",") for v in args.variants.split(",") if v != "naive"]
     results = {}
-    for variant in args.variants.split(","):
+    for variant, chunk in runs:
         cmd = [sys.executable, __file__, "--variant", variant, "--tokens", str(args.tokens), "--vocab",
-               str(args.vocab), "--hidden", str(args.hidden), "--chunk-tokens", str(args.chunk_tokens),
+               str(args.vocab), "--hidden", str(args.hidden), "--chunk-tokens", str(chunk or 0),
                "--top-k", str(args.top_k)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results[variant] = json.loads(out.strip().splitlines()[-1])
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+        results[variant if chunk is None else f"{variant} (chunk {chunk})"] = json.loads(out.strip().splitlines()[-1])
     import torch
 
-    summary = {"tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden, "chunk_tokens": args.chunk_tokens,
-               "top_k": args.top_k, "dtype": "float32", "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "results": results}
+    summary = {"tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden, "top_k": args.top_k,
+               "dtype": "float32", "device": "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+               "MALLOC_MMAP_THRESHOLD_": env["MALLOC_MMAP_THRESHOLD_"], "results": results}
     if "naive" in results:
         base = results["naive"]["peak_growth_mib"]
         for r in results.values():
@@ -139,8 +148,8 @@ def main():
     print()
     print("| variant | tokens x vocab | peak memory growth (MiB) | fraction of naive | seconds (fwd+bwd) | loss |")
     print("|---|---|---|---|---|---|")
-    for r in results.values():
-        print(f"| {r['variant']} | {args.tokens} x {args.vocab} | {r['peak_growth_mib']:.0f} | "
+    for label, r in results.items():
+        print(f"| {label} | {args.tokens} x {args.vocab} | {r['peak_growth_mib']:.0f} | "
               f"{r.get('fraction_of_naive', float('nan')):.3f} | {r['seconds']:.2f} | {r['loss']:.6f} |")
 
 

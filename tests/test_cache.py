@@ -225,7 +225,7 @@ def test_generate_matches_full_forward(load, tiny_model_dir, system):
 
     recipe = load(*([system] if system else []))
     pipeline.generate(recipe)
-    model = load_causal_lm(tiny_model_dir)
+    model = load_causal_lm(tiny_model_dir, device="cpu")
     rows = list(TeacherCache(recipe.cache_dir).read().values())
     if system:
         assert all(r["prompt"].startswith("<|im_start|>system\nplease answer") for r in rows)

@@ -275,12 +275,12 @@ def test_student_folder_loads_with_plain_transformers(cached, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out)
     assert got["cls"] == "LlamaForCausalLM" and got["layers"] == 2
-    model = models.load_causal_lm(folder)
+    model = models.load_causal_lm(folder, device="cpu")
     with torch.no_grad():
         expected = model(input_ids=torch.tensor(ids)).logits
     torch.testing.assert_close(got["logits"], expected, atol=1e-5, rtol=0)
     # The weights really are the trained ones, not a fresh copy of the teacher's layers.
-    teacher = models.load_causal_lm(recipe.teacher.model)
+    teacher = models.load_causal_lm(recipe.teacher.model, device="cpu")
     untrained = models.student_from_teacher(teacher, [0, 3])
     assert not torch.equal(untrained.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
 
@@ -290,7 +290,7 @@ def test_student_folder_loads_with_plain_transformers(cached, tmp_path):
 
 @pytest.fixture
 def teacher(tiny_model_dir):
-    return models.load_causal_lm(tiny_model_dir)
+    return models.load_causal_lm(tiny_model_dir, device="cpu")
 
 
 def test_student_from_teacher_copies_chosen_layers(teacher):
@@ -360,14 +360,14 @@ def test_other_student_sources(cached, tmp_path, tiny_model_dir):
     recipe = cached("eval.baseline=false", f"out={tmp_path / 'cfg'}", "student.from_teacher=null",
                     "student.config={num_hidden_layers: 1, intermediate_size: 16}")
     assert pipeline.train(recipe)["student"]["steps"] == 6
-    student = models.load_causal_lm(tmp_path / "cfg" / "student")
+    student = models.load_causal_lm(tmp_path / "cfg" / "student", device="cpu")
     assert student.config.num_hidden_layers == 1 and student.config.intermediate_size == 16
     assert student.config.hidden_size == 32  # the rest of the teacher's config is kept
 
     recipe = cached("eval.baseline=false", f"out={tmp_path / 'ready'}", "student.from_teacher=null",
                     f"student.model={tiny_model_dir}")
     assert pipeline.train(recipe)["student"]["steps"] == 6
-    student = models.load_causal_lm(tmp_path / "ready" / "student")
+    student = models.load_causal_lm(tmp_path / "ready" / "student", device="cpu")
     assert student.config.num_hidden_layers == 4
 
 

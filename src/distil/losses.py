@@ -298,6 +298,28 @@ def sparse_forward_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk
     return _sparse(_forward_kl, student_logits, topk_ids, topk_logprobs, tail_logprob, temperature, mask, reduction)
 
 
+def sparse_forward_kl_from_log_probs(student_log_probs: torch.Tensor, topk_ids: torch.Tensor,
+                                     topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, *,
+                                     temperature: float = 1.0, mask: torch.Tensor | None = None,
+                                     reduction: str = "mean") -> torch.Tensor:
+    """`sparse_forward_kl` from the student's already-normalised log-probs, the trainer's fast path.
+
+    The trainer computes log_softmax once for cross-entropy and divergence alike. The student's
+    tail bucket is log(1 - sum of its top-k probabilities), which needs no (tokens x vocabulary)
+    copy; it differs from the exact logsumexp only by float32 cancellation when the student puts
+    more than 1 - 1e-6 of its mass on the teacher's top-k (the tail is then clamped to 1e-6).
+
+    Args:
+        student_log_probs: (..., V) log_softmax(student_logits / temperature).
+        topk_ids, topk_logprobs, tail_logprob, temperature, mask, reduction: as in `sparse_forward_kl`.
+    """
+    picked = student_log_probs.gather(-1, topk_ids)
+    tail = torch.log1p(-picked.exp().sum(-1).clamp(max=1 - 1e-6))
+    log_s = torch.cat([picked, tail.unsqueeze(-1)], dim=-1)
+    log_t = bucket_teacher(topk_logprobs.float(), tail_logprob.float(), temperature)
+    return _reduce(_forward_kl(log_t, log_s), mask, reduction)
+
+
 def sparse_reverse_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                       tail_logprob: torch.Tensor, *, temperature: float = 1.0, mask: torch.Tensor | None = None,
                       reduction: str = "mean") -> torch.Tensor:
@@ -426,13 +448,24 @@ def _check_divergence(name: str, params: dict) -> None:
 # --- chunked over tokens -----------------------------------------------------------------------------------
 
 
+def _lm_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """hidden @ weight.T + bias, as (weight @ hidden.T).T.
+
+    Same logits; but written this way autograd returns each chunk's weight gradient in the
+    weight's own layout and adds it in place, rather than keeping a third V x H buffer while
+    summing the chunks' contributions.
+    """
+    logits = (weight @ hidden.T).T
+    return logits if bias is None else logits + bias
+
+
 def _chunk_per_token(hidden, weight, bias, teacher, *, per_token_fn, temperature, teacher_weight, teacher_bias):
     """Per-token divergence of one chunk: the student's (and a live teacher's) logits live only here.
 
     Logits go straight into log_softmax, which keeps only its output for backward, so no
     reference holds them afterwards: the fewer (chunk x V) tensors alive, the lower the peak.
     """
-    log_s = _log_softmax(F.linear(hidden, weight, bias), temperature)
+    log_s = _log_softmax(_lm_head(hidden, weight, bias), temperature)
     if len(teacher) == 3:  # sparse cached targets
         ids, top, tail = teacher
         return per_token_fn(bucket_teacher(top.float(), tail.float(), temperature), _bucket_log_probs(log_s, ids))

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from distil.errors import DistilError
-from distil.losses import cross_entropy, sparse_forward_kl
+from distil.losses import sparse_forward_kl_from_log_probs
 
 
 @dataclass
@@ -76,11 +76,16 @@ class DistillationObjective(nn.Module):
         self.student, self.alpha, self.temperature, self.chunk_tokens = student, alpha, temperature, chunk_tokens
 
     def _chunk(self, hidden, targets, topk_ids, topk_logprobs, tail):
-        logits = self.student.get_output_embeddings()(hidden)
-        ce = cross_entropy(logits, targets, reduction="sum")
+        logits = self.student.get_output_embeddings()(hidden).float()
+        # One log_softmax serves cross-entropy and (at T = 1) the divergence: on a
+        # (tokens x vocabulary) tensor every extra pass costs as much as the small model's layers.
+        log_probs = torch.log_softmax(logits, dim=-1)
+        ce = -log_probs.gather(-1, targets.unsqueeze(-1)).sum()
         if self.alpha == 1.0:
             return ce, ce, torch.zeros_like(ce)
-        kd = sparse_forward_kl(logits, topk_ids, topk_logprobs, tail, temperature=self.temperature, reduction="sum")
+        tempered = log_probs if self.temperature == 1.0 else torch.log_softmax(logits / self.temperature, dim=-1)
+        kd = sparse_forward_kl_from_log_probs(tempered, topk_ids, topk_logprobs, tail, temperature=self.temperature,
+                                              reduction="sum")
         return self.alpha * ce + (1 - self.alpha) * self.temperature ** 2 * kd, ce, kd
 
     def forward(self, batch: Batch):
