@@ -209,7 +209,8 @@ def test_chunked_equals_unchunked(name, data):
     teacher_logits = F.linear(t_hidden, t_weight, t_bias)
     mask = torch.rand(positions, generator=g) < 0.7 if data.draw(st.booleans()) else None
     k = data.draw(st.integers(1, vocab))
-    ids, top, tail = (t.float() if t.is_floating_point() else t for t in ref_teacher_targets(teacher_logits.double(), k))
+    ids, top, tail = ref_teacher_targets(teacher_logits.double(), k)
+    top, tail = top.float(), tail.float()
     teacher = {"teacher_logits": dict(teacher_logits=teacher_logits),
                "teacher_hidden": dict(teacher_hidden=t_hidden, teacher_lm_head_weight=t_weight,
                                       teacher_lm_head_bias=t_bias),
@@ -311,7 +312,8 @@ def test_very_peaked_logits_stay_finite_and_exact(name):
     teacher = torch.full((4, vocab), -1e4)
     teacher[:, 3] = 1e4
     student = torch.full((4, vocab), -1e4)
-    student[torch.arange(4), torch.tensor([7, 7, 3, 45])] = 1e4  # rows 0,1,3: disjoint from the teacher; row 2: identical
+    # Rows 0, 1, 3: disjoint from the teacher; row 2: identical.
+    student[torch.arange(4), torch.tensor([7, 7, 3, 45])] = 1e4
     student.requires_grad_()
     dense, sparse = divergence(name)
     for T in (1.0, 2.0):

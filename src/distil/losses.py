@@ -86,7 +86,7 @@ def _reduce(per_token: torch.Tensor, mask: torch.Tensor | None, reduction: str) 
     if reduction == "sum":
         return per_token.sum()
     if mask is None:
-        return per_token.sum() / per_token.numel()
+        return per_token.sum() / max(per_token.numel(), 1)
     count = mask.sum()
     return per_token.sum() / torch.where(count != 0, count, 1.0)
 
@@ -480,14 +480,15 @@ def chunked_divergence(hidden: torch.Tensor, lm_head_weight: torch.Tensor, lm_he
                        teacher_lm_head_bias: torch.Tensor | None = None, topk_ids: torch.Tensor | None = None,
                        topk_logprobs: torch.Tensor | None = None, tail_logprob: torch.Tensor | None = None,
                        temperature: float = 1.0, mask: torch.Tensor | None = None, reduction: str = "mean",
-                       chunk_tokens: int = 256, **params: float) -> torch.Tensor:
+                       chunk_tokens: int = 128, **params: float) -> torch.Tensor:
     """A divergence from the student's hidden states, without ever holding all its logits.
 
     Student logits = hidden @ lm_head_weight.T + bias are computed `chunk_tokens` positions at a
     time; with more than one chunk each is wrapped in activation checkpointing, so its logits
     and softmax intermediates are dropped after forward and recomputed in backward. Peak extra
-    memory is a few (chunk_tokens x V) tensors instead of several (N x V). Value and gradients
-    (w.r.t. hidden, weight, bias) equal the unchunked computation's.
+    memory is a few (chunk_tokens x V) tensors plus two V x H buffers for the LM head's gradient,
+    instead of several (N x V); each chunk's forward runs twice (docs/losses.md, Memory). Value
+    and gradients (w.r.t. hidden, weight, bias) equal the unchunked computation's.
 
     The teacher is given in exactly one form:
         teacher_logits (..., V)                                 dense, already computed;
@@ -545,7 +546,9 @@ def chunked_divergence(hidden: torch.Tensor, lm_head_weight: torch.Tensor, lm_he
         args = (hidden[s:s + chunk_tokens], lm_head_weight, lm_head_bias,
                 tuple(t[s:s + chunk_tokens] for t in teacher))
         per_token.append(checkpoint(step, *args, use_reentrant=False) if recompute else step(*args))
-    per_token = torch.cat(per_token).reshape(positions) if per_token else hidden.new_zeros(positions, dtype=torch.float32)
+    if not per_token:  # no positions at all
+        return _reduce(hidden.new_zeros(positions, dtype=torch.float32), mask, reduction)
+    per_token = torch.cat(per_token).reshape(positions)
     return _reduce(per_token, mask, reduction)
 
 
