@@ -139,6 +139,7 @@ def evaluate_run(recipe, view, examples, rows: list[dict]) -> dict:
         rows: their teacher-cache rows.
     """
     from distil.models import count_params, load_causal_lm
+    from distil.progress import progress_bar
     from distil.report import write_html_report
     from distil.speed import measure_in_subprocess
     from distil.teachers.local import stop_token_ids
@@ -152,27 +153,34 @@ def evaluate_run(recipe, view, examples, rows: list[dict]) -> dict:
     ref_rows = reference_rows(rows, references, tokenizer)
     bs, new_tokens = recipe.eval.batch_size, recipe.eval.max_new_tokens or recipe.generate.max_new_tokens
 
-    teacher = view.load_model()
-    stop_ids = stop_token_ids(tokenizer, teacher)
-    scores = {"teacher": [{"n": len(r["token_ids"]), "agree": float(len(r["token_ids"])), "kl": 0.0,
-                           "nll": -sum(r["token_logprobs"])} for r in rows]}
-    ref_scores = {"teacher": score_on_teacher_text(teacher, ref_rows, pad_id=pad_id, batch_size=bs)}
-    answers = {"teacher": [r["text"] for r in rows]}
-    info = {"teacher": {"name": view.source.name, "params": count_params(teacher),
-                        "size_bytes": weights_size(view.source.directory), "path": str(view.source.directory)}}
-    del teacher
-    for name in names:
-        model = load_causal_lm(out / name)
-        scores[name] = score_on_teacher_text(model, rows, pad_id=pad_id, batch_size=bs)
-        ref_scores[name] = score_on_teacher_text(model, ref_rows, pad_id=pad_id, batch_size=bs)
-        answers[name] = generate_answers(model, tokenizer, rows, max_new_tokens=new_tokens, batch_size=bs, stop_ids=stop_ids)
-        info[name] = {"name": name if name == "student" else "baseline (cross-entropy only)",
-                      "params": count_params(model), "size_bytes": weights_size(out / name), "path": str(out / name)}
-        del model
+    with progress_bar() as bar:
+        # One unit per model scored, then one per model timed.
+        task = bar.add_task("evaluate", total=2 * (1 + len(names)), status="teacher")
+        teacher = view.load_model()
+        stop_ids = stop_token_ids(tokenizer, teacher)
+        scores = {"teacher": [{"n": len(r["token_ids"]), "agree": float(len(r["token_ids"])), "kl": 0.0,
+                               "nll": -sum(r["token_logprobs"])} for r in rows]}
+        ref_scores = {"teacher": score_on_teacher_text(teacher, ref_rows, pad_id=pad_id, batch_size=bs)}
+        answers = {"teacher": [r["text"] for r in rows]}
+        info = {"teacher": {"name": view.source.name, "params": count_params(teacher),
+                            "size_bytes": weights_size(view.source.directory), "path": str(view.source.directory)}}
+        del teacher
+        for name in names:
+            bar.update(task, advance=1, status=name)
+            model = load_causal_lm(out / name)
+            scores[name] = score_on_teacher_text(model, rows, pad_id=pad_id, batch_size=bs)
+            ref_scores[name] = score_on_teacher_text(model, ref_rows, pad_id=pad_id, batch_size=bs)
+            answers[name] = generate_answers(model, tokenizer, rows, max_new_tokens=new_tokens, batch_size=bs,
+                                             stop_ids=stop_ids)
+            info[name] = {"name": name if name == "student" else "baseline (cross-entropy only)",
+                          "params": count_params(model), "size_bytes": weights_size(out / name), "path": str(out / name)}
+            del model
 
-    speed_prompts = [r["prompt_ids"] for r in rows[: recipe.eval.speed_prompts]]
-    for name, directory in [("teacher", view.source.directory)] + [(n, out / n) for n in names]:
-        info[name].update(measure_in_subprocess(str(directory), speed_prompts))
+        speed_prompts = [r["prompt_ids"] for r in rows[: recipe.eval.speed_prompts]]
+        for name, directory in [("teacher", view.source.directory)] + [(n, out / n) for n in names]:
+            bar.update(task, advance=1, status=f"timing {name}")
+            info[name].update(measure_in_subprocess(str(directory), speed_prompts))
+        bar.update(task, advance=1, status="done")
 
     values: dict[str, dict[str, float]] = {}
     for name in info:
