@@ -171,7 +171,7 @@ def test_grad_accumulation_does_not_change_the_step(cached, tmp_path, monkeypatc
         if grads is not None:
             for g, ref in zip(grads, ref_grads):
                 torch.testing.assert_close(g, ref, atol=1e-7, rtol=1e-4)
-    changed = any(not torch.equal(ref_weights[n], w.cpu()) for n, w in
+    changed = any(not torch.equal(ref_weights[n].cpu(), w.cpu()) for n, w in
                   models.student_from_teacher(teacher, [0, 3]).state_dict().items())
     assert changed, "one step must change the weights"
 
