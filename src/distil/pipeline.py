@@ -6,11 +6,9 @@ stage skips work that is already done (cached rows, a trained student with the s
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
