@@ -403,3 +403,33 @@ def test_retrain_changed_recipe_in_same_out_dir(cached, tmp_path):
     pipeline.train(cached(f"out={tmp_path / 'run'}", "eval.baseline=false"))
     changed = pipeline.train(cached(f"out={tmp_path / 'run'}", "eval.baseline=false", "train.lr=0.01"))
     assert changed["student"]["steps"] == 6 and changed["student"]["resumed_from"] == 0
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "jsd", "skew_kl", "tvd"])
+def test_objective_uses_the_recipe_divergence(tiny_model_dir, loss):
+    """train.loss picks the sparse divergence: the objective's kd sum equals the loss function's own."""
+    from distil.losses import divergence
+    from distil.teachers.local import generate_batch
+
+    model = models.load_causal_lm(tiny_model_dir, device="cpu")
+    prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    rows = [g.__dict__ for g in generate_batch(model, prompts, pad_id=0, stop_ids={3}, max_new_tokens=5, top_k=4)]
+    batch = collate(rows, 0)
+    params = {"jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}}.get(loss, {})
+    objective = DistillationObjective(model, alpha=0.25, temperature=1.5, loss=loss, loss_params=params)
+    with torch.no_grad():
+        total, ce, kd = objective(batch)
+        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        logits = model.get_output_embeddings()(hidden.flatten(0, 1)[batch.target_pos])
+        expected = divergence(loss, **params)[1](logits, batch.topk_ids, batch.topk_logprobs, batch.tail_logprob,
+                                                 temperature=1.5, reduction="sum")
+    assert kd.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert total.item() == pytest.approx(0.25 * ce.item() + 0.75 * 1.5 ** 2 * kd.item(), rel=1e-5)
+
+
+def test_recipe_rejects_unknown_loss(load):
+    from distil.errors import DistilError
+
+    with pytest.raises(DistilError) as err:
+        load("train.loss=kl_forward")
+    assert err.value.field == "train.loss"

@@ -77,7 +77,10 @@ class TrainConfig(_Section):
     warmup: int = Field(10, ge=0, description="linear warmup steps")
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    loss: Literal["forward_kl"] = "forward_kl"
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"] = Field(
+        "forward_kl", description="divergence to the teacher's cached top-k (docs/losses.md)")
+    beta: float = Field(0.5, ge=0, le=1, description="jsd's mixture weight")
+    skew_alpha: float = Field(0.1, ge=0, lt=1, description="skew_kl / skew_reverse_kl's mixture weight")
     temperature: float = Field(1.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1, description="weight of cross-entropy; 1 - alpha goes to the divergence")
     max_grad_norm: float | None = Field(1.0, gt=0)

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from distil.errors import DistilError
-from distil.losses import sparse_forward_kl_from_log_probs
+from distil.losses import divergence, sparse_forward_kl_from_log_probs
 
 
 @dataclass
@@ -68,12 +68,17 @@ class DistillationObjective(nn.Module):
     (activation checkpointing), so the batch's full logits never exist at once.
 
     Returns per call the *sums* over target tokens of (loss, cross-entropy, divergence),
-    where loss = alpha * CE + (1 - alpha) * temperature**2 * KL(teacher || student).
+    where loss = alpha * CE + (1 - alpha) * temperature**2 * D(teacher, student), D the recipe's
+    `train.loss` (forward KL by default) over the cached top-k + tail buckets.
     """
 
-    def __init__(self, student: nn.Module, *, alpha: float, temperature: float, chunk_tokens: int = 2048):
+    def __init__(self, student: nn.Module, *, alpha: float, temperature: float, chunk_tokens: int = 2048,
+                 loss: str = "forward_kl", loss_params: dict | None = None):
         super().__init__()
         self.student, self.alpha, self.temperature, self.chunk_tokens = student, alpha, temperature, chunk_tokens
+        self.loss = loss
+        # forward_kl has a fast path below; the others use their exact sparse function.
+        self.sparse_divergence = None if loss == "forward_kl" else divergence(loss, **(loss_params or {}))[1]
 
     def _chunk(self, hidden, targets, topk_ids, topk_logprobs, tail):
         logits = self.student.get_output_embeddings()(hidden).float()
@@ -83,9 +88,13 @@ class DistillationObjective(nn.Module):
         ce = -log_probs.gather(-1, targets.unsqueeze(-1)).sum()
         if self.alpha == 1.0:
             return ce, ce, torch.zeros_like(ce)
-        tempered = log_probs if self.temperature == 1.0 else torch.log_softmax(logits / self.temperature, dim=-1)
-        kd = sparse_forward_kl_from_log_probs(tempered, topk_ids, topk_logprobs, tail, temperature=self.temperature,
-                                              reduction="sum")
+        if self.sparse_divergence is not None:
+            kd = self.sparse_divergence(logits, topk_ids, topk_logprobs, tail, temperature=self.temperature,
+                                        reduction="sum")
+        else:
+            tempered = log_probs if self.temperature == 1.0 else torch.log_softmax(logits / self.temperature, dim=-1)
+            kd = sparse_forward_kl_from_log_probs(tempered, topk_ids, topk_logprobs, tail,
+                                                  temperature=self.temperature, reduction="sum")
         return self.alpha * ce + (1 - self.alpha) * self.temperature ** 2 * kd, ce, kd
 
     def forward(self, batch: Batch):
@@ -176,7 +185,10 @@ def train_student(student, rows: list[dict], cfg, *, pad_id: int, out_dir: Path,
     if cfg.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)
         student.get_output_embeddings().weight.requires_grad_(False)
-    objective = DistillationObjective(student, alpha=alpha, temperature=cfg.temperature)
+    loss_params = {"jsd": {"beta": cfg.beta}, "skew_kl": {"alpha": cfg.skew_alpha},
+                   "skew_reverse_kl": {"alpha": cfg.skew_alpha}}.get(cfg.loss, {})
+    objective = DistillationObjective(student, alpha=alpha, temperature=cfg.temperature, loss=cfg.loss,
+                                      loss_params=loss_params)
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
