@@ -433,3 +433,10 @@ def test_recipe_rejects_unknown_loss(load):
     with pytest.raises(DistilError) as err:
         load("train.loss=kl_forward")
     assert err.value.field == "train.loss"
+
+
+def test_baseline_is_not_retrained_when_only_the_divergence_changes(cached, tmp_path):
+    first = pipeline.train(cached(f"out={tmp_path / 'run'}"))
+    again = pipeline.train(cached(f"out={tmp_path / 'run'}", "train.loss=reverse_kl", "train.alpha=0.3"))
+    assert not first["baseline"].get("skipped") and again["baseline"].get("skipped")
+    assert not again["student"].get("skipped")

@@ -103,8 +103,13 @@ def generate(recipe: Recipe) -> dict:
     return summary
 
 
+# Settings the cross-entropy-only baseline ignores: changing them must not retrain it.
+_DIVERGENCE_ONLY = ("alpha", "loss", "temperature", "beta", "skew_alpha")
+
+
 def _fingerprint(recipe: Recipe, keys: list[str], alpha: float) -> str:
-    blob = json.dumps({"student": recipe.student.model_dump(), "train": recipe.train.model_dump(), "alpha": alpha,
+    train = recipe.train.model_dump(exclude=set(_DIVERGENCE_ONLY) if alpha == 1.0 else None)
+    blob = json.dumps({"student": recipe.student.model_dump(), "train": train, "alpha": alpha,
                        "keys": sorted(keys)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
