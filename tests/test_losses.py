@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,17 @@ SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[Healt
 
 
 # --- independent float64 references --------------------------------------------------------------
+
+
+def ref_reduce(per, mask, reduction: str):
+    """Reference reduction for numpy or torch per-position values: none, sum, or mean over the mask."""
+    if mask is not None:
+        per = per * mask
+    if reduction == "none":
+        return per
+    if reduction == "sum":
+        return per.sum()
+    return per.sum() / (mask.sum() if mask is not None else math.prod(per.shape))
 
 
 def np_log_softmax(x: np.ndarray) -> np.ndarray:
@@ -50,14 +63,7 @@ def np_sparse_forward_kl(student_logits, ids, top, tail, temperature, mask, redu
     p_t = np.exp(log_t)
     with np.errstate(invalid="ignore"):
         terms = np.where(p_t > 0, p_t * (log_t - log_s), 0.0)
-    per = terms.sum(-1)
-    if mask is not None:
-        per = per * mask
-    if reduction == "none":
-        return per
-    if reduction == "sum":
-        return per.sum()
-    return per.sum() / (mask.sum() if mask is not None else per.size)
+    return ref_reduce(terms.sum(-1), mask, reduction)
 
 
 def torch64_sparse_forward_kl(student_logits, ids, top, tail, temperature, mask, reduction):
@@ -69,14 +75,7 @@ def torch64_sparse_forward_kl(student_logits, ids, top, tail, temperature, mask,
     outside = (p_s * torch.ones_like(p_s).scatter(-1, ids, 0.0)).sum(-1, keepdim=True)
     log_s = torch.log(torch.cat([picked, outside], -1))
     p_t = log_t.exp()
-    per = (p_t * (log_t - log_s)).nan_to_num(nan=0.0).sum(-1)
-    if mask is not None:
-        per = per * mask
-    if reduction == "none":
-        return per
-    if reduction == "sum":
-        return per.sum()
-    return per.sum() / (mask.sum() if mask is not None else per.numel())
+    return ref_reduce((p_t * (log_t - log_s)).nan_to_num(nan=0.0).sum(-1), mask, reduction)
 
 
 # --- cases -------------------------------------------------------------------------------------------
@@ -149,10 +148,7 @@ def test_full_vocab_equals_dense_kl(case):
     log_s = torch.log_softmax(ref_logits / T, -1)
     per = (log_t.exp() * (log_t - log_s)).sum(-1)
     mask = None if case["mask"] is None else torch.tensor(case["mask"])
-    if mask is not None:
-        per = per * mask
-    dense = {"none": per, "sum": per.sum(),
-             "mean": per.sum() / (mask.sum() if mask is not None else per.numel())}[case["reduction"]]
+    dense = ref_reduce(per, mask, case["reduction"])
     np.testing.assert_allclose(loss.detach().numpy(), dense.detach().numpy(), rtol=1e-4, atol=1e-5)
     loss.sum().backward()
     dense.sum().backward()
@@ -225,9 +221,7 @@ def test_cross_entropy_matches_float64_reference(shape, vocab, seed, scale, redu
         mask = torch.tensor((rng.uniform(size=shape) < 0.6).astype(np.float64))
         mask.view(-1)[int(rng.integers(mask.numel()))] = 1.0
     per = -torch.log_softmax(logits64, -1).gather(-1, targets[..., None]).squeeze(-1)
-    if mask is not None:
-        per = per * mask
-    ref = {"none": per, "sum": per.sum(), "mean": per.sum() / (mask.sum() if mask is not None else per.numel())}[reduction]
+    ref = ref_reduce(per, mask, reduction)
 
     logits32 = logits64.detach().float().requires_grad_()
     got = cross_entropy(logits32, targets, mask=None if mask is None else mask.float(), reduction=reduction)
