@@ -186,7 +186,7 @@ def test_chunked_objective_equals_unchunked(cached):
     for chunk in (10_000, 3):
         student = models.student_from_teacher(teacher, [0, 3])
         objective = DistillationObjective(student, alpha=0.3, temperature=2.0, chunk_tokens=chunk)
-        loss, ce, kd = objective(batch)
+        loss, ce, kd, _ = objective(batch)
         loss.backward()
         results.append((loss.detach(), ce.detach(), kd.detach(), [p.grad.clone() for p in student.parameters()]))
     (l1, c1, k1, g1), (l2, c2, k2, g2) = results
@@ -418,7 +418,7 @@ def test_objective_uses_the_recipe_divergence(tiny_model_dir, loss):
     params = {"jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}}.get(loss, {})
     objective = DistillationObjective(model, alpha=0.25, temperature=1.5, loss=loss, loss_params=params)
     with torch.no_grad():
-        total, ce, kd = objective(batch)
+        total, ce, kd, _ = objective(batch)
         hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         logits = model.get_output_embeddings()(hidden.flatten(0, 1)[batch.target_pos])
         expected = divergence(loss, **params)[1](logits, batch.topk_ids, batch.topk_logprobs, batch.tail_logprob,

@@ -21,6 +21,7 @@ from distil.data import Example, format_prompt, load_examples
 from distil.errors import DistilError
 from distil.progress import progress_bar
 from distil.recipe import Recipe
+from distil.teachers.local import stop_token_ids
 
 
 def load_data(recipe: Recipe) -> tuple[list[Example], list[Example]]:
@@ -104,7 +105,7 @@ def generate(recipe: Recipe) -> dict:
 
 
 # Settings the cross-entropy-only baseline ignores: changing them must not retrain it.
-_DIVERGENCE_ONLY = ("alpha", "loss", "temperature", "beta", "skew_alpha")
+_DIVERGENCE_ONLY = ("alpha", "loss", "temperature", "beta", "skew_alpha", "mode", "lambda_", "hidden")
 
 
 def _fingerprint(recipe: Recipe, keys: list[str], alpha: float) -> str:
@@ -133,24 +134,29 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     view = TeacherPrompts(recipe)
     keys = view.keys(train_ex)
     rows = _cached_rows(recipe, keys, "train")
-    runs = [("student", recipe.train.alpha)] + ([("baseline", 1.0)] if recipe.eval.baseline else [])
+    # The baseline is the same student trained on the teacher's text alone.
+    baseline = recipe.train.model_copy(update={"mode": "sequence", "hidden": None})
+    runs = [("student", recipe.train, recipe.train.alpha)] + ([("baseline", baseline, 1.0)] if recipe.eval.baseline else [])
     out = recipe.out_dir
     summaries = {}
     teacher = None
-    for name, alpha in runs:
+    for name, cfg, alpha in runs:
         fingerprint = _fingerprint(recipe, keys, alpha)
         folder = out / name
         if _is_done(folder, fingerprint):
             summaries[name] = {"skipped": True, **json.loads((folder / "distil_train.json").read_text())["summary"]}
             continue
-        if teacher is None and recipe.student.model is None:
+        online = cfg.mode == "on_policy" or cfg.hidden is not None
+        if teacher is None and (recipe.student.model is None or online):
             teacher = view.load_model()
         torch.manual_seed(recipe.train.seed)
         student = models.build_student(recipe.student, teacher)
         with progress_bar() as bar:
-            summary = train_student(student, rows, recipe.train, pad_id=view.tokenizer.pad_token_id, out_dir=out,
+            summary = train_student(student, rows, cfg, pad_id=view.tokenizer.pad_token_id, out_dir=out,
                                     run_name=name, alpha=alpha, resume=resume, fingerprint=fingerprint,
-                                    progress=bar)
+                                    progress=bar, teacher=teacher if online else None,
+                                    stop_ids=stop_token_ids(view.tokenizer, teacher) if online else frozenset(),
+                                    max_new_tokens=recipe.generate.max_new_tokens)
         summaries[name] = summary
         if not PartialState().is_main_process:  # under `accelerate launch`, one process saves
             continue

@@ -19,7 +19,7 @@ from distil.errors import DistilError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
 class TeacherConfig(_Section):
@@ -68,6 +68,14 @@ class GenerateConfig(_Section):
     seed: int = 0
 
 
+class HiddenConfig(_Section):
+    """Match chosen student and teacher hidden states (needs a local teacher)."""
+    layers: list[tuple[int, int]] = Field(min_length=1, description="[student, teacher] pairs of hidden_states "
+                                          "indices (0 = embeddings, i = output of layer i)")
+    loss: Literal["mse", "cosine"] = "mse"
+    weight: float = Field(1.0, gt=0, description="weight of the hidden-state loss, added to the others")
+
+
 class TrainConfig(_Section):
     steps: int = Field(100, gt=0)
     batch_size: int = Field(8, gt=0)
@@ -88,6 +96,12 @@ class TrainConfig(_Section):
     log_every: int = Field(5, gt=0)
     seed: int = 0
     freeze_embeddings: bool = Field(False, description="keep the (tied) embedding / LM head fixed")
+    mode: Literal["supervised", "sequence", "on_policy"] = Field(
+        "supervised", description="supervised: cached soft targets; sequence: cross-entropy on the teacher's "
+                                  "text only; on_policy: GKD, the student writes some continuations")
+    lambda_: float = Field(0.5, alias="lambda", ge=0, le=1,
+                           description="on_policy: share of micro-batches the student writes and the teacher scores")
+    hidden: HiddenConfig | None = None
 
 
 class EvalConfig(_Section):
@@ -128,7 +142,7 @@ class Recipe(_Section):
 
 
 def _field_names(model: type[BaseModel]) -> list[str]:
-    return [n for n, f in model.model_fields.items() if not f.exclude]
+    return [f.alias or n for n, f in model.model_fields.items() if not f.exclude]
 
 
 def _section_model(path: tuple) -> type[BaseModel] | None:
