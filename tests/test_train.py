@@ -364,11 +364,12 @@ def test_other_student_sources(cached, tmp_path, tiny_model_dir):
     assert student.config.num_hidden_layers == 1 and student.config.intermediate_size == 16
     assert student.config.hidden_size == 32  # the rest of the teacher's config is kept
 
+    # A ready student: the 1-layer model just trained, trained again from its saved folder.
     recipe = cached("eval.baseline=false", f"out={tmp_path / 'ready'}", "student.from_teacher=null",
-                    f"student.model={tiny_model_dir}")
+                    f"student.model={tmp_path / 'cfg' / 'student'}")
     assert pipeline.train(recipe)["student"]["steps"] == 6
     student = models.load_causal_lm(tmp_path / "ready" / "student", device="cpu")
-    assert student.config.num_hidden_layers == 4
+    assert student.config.num_hidden_layers == 1 and student.config.intermediate_size == 16
 
 
 # --- skipping finished work ---------------------------------------------------------------------------

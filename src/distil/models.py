@@ -232,3 +232,51 @@ def build_student(recipe_student, teacher, student_dir: Path | None = None):
         return student_from_teacher(teacher, spec.layers, spec.intermediate_size)
     config = AutoConfig.for_model(**{**teacher.config.to_dict(), **recipe_student.config})
     return AutoModelForCausalLM.from_config(config, dtype=DTYPES[recipe_student.dtype])
+
+
+def student_config(recipe_student, teacher_config):
+    """The config the recipe's student will have, known without building it (or loading the teacher)."""
+    if recipe_student.model is not None:
+        return AutoConfig.from_pretrained(resolve(recipe_student.model).directory)
+    if recipe_student.from_teacher is not None:
+        spec = recipe_student.from_teacher
+        changes = {"num_hidden_layers": len(spec.layers)}
+        if spec.intermediate_size is not None:
+            changes["intermediate_size"] = spec.intermediate_size
+        return AutoConfig.for_model(**{**teacher_config.to_dict(), **changes})
+    return AutoConfig.for_model(**{**teacher_config.to_dict(), **recipe_student.config})
+
+
+def config_param_count(config) -> int:
+    """Parameters of a causal LM with this config, counted on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        return count_params(AutoModelForCausalLM.from_config(config))
+
+
+def check_pairing(recipe_student, teacher_dir: Path, teacher_tokenizer) -> None:
+    """Fail before any work when the student cannot learn from this teacher.
+
+    The student must read the teacher's token ids (same tokenizer, a vocabulary at least as
+    large) and be smaller than the teacher.
+    """
+    teacher_config = AutoConfig.from_pretrained(teacher_dir)
+    try:
+        config = student_config(recipe_student, teacher_config)
+    except (ValueError, TypeError, KeyError) as e:
+        raise DistilError(f"cannot build the student's config: {e}", field="student") from None
+    if recipe_student.model is not None:
+        directory = resolve(recipe_student.model).directory
+        if (Path(directory) / "tokenizer_config.json").exists():
+            student_vocab = load_tokenizer(directory).get_vocab()
+            if student_vocab != teacher_tokenizer.get_vocab():
+                raise DistilError(
+                    f"the student's tokenizer ({len(student_vocab):,} tokens) differs from the teacher's "
+                    f"({len(teacher_tokenizer):,}); cross-tokenizer distillation is not supported yet",
+                    field="student.model")
+    if config.vocab_size < len(teacher_tokenizer):
+        raise DistilError(f"the student's vocabulary has {config.vocab_size:,} entries, fewer than the teacher "
+                          f"tokenizer's {len(teacher_tokenizer):,} tokens", field="student")
+    student_params, teacher_params = config_param_count(config), config_param_count(teacher_config)
+    if student_params >= teacher_params:
+        raise DistilError(f"the student has {student_params:,} parameters, not fewer than the teacher's "
+                          f"{teacher_params:,}", field="student")

@@ -60,6 +60,17 @@ class TeacherPrompts:
         return models.load_causal_lm(self.source.directory, self.recipe.teacher.dtype, self.recipe.teacher.trust_remote_code)
 
 
+def check_writable(folder: Path, field: str) -> None:
+    """Fail before any work if `folder` cannot be created or written (a file in the way, no permission)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".distil-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise DistilError(f"cannot write to this folder: {e.strerror or e}", file=str(folder), field=field) from None
+
+
 def _cached_rows(recipe: Recipe, keys: list[str], split: str) -> list[dict]:
     rows = TeacherCache(recipe.cache_dir).read(set(keys))
     missing = sum(k not in rows for k in keys)
@@ -78,6 +89,7 @@ def generate(recipe: Recipe) -> dict:
 
     train_ex, eval_ex = load_data(recipe)
     view = TeacherPrompts(recipe)
+    check_writable(recipe.cache_dir, "cache")
     prompts = view.prompts(train_ex + eval_ex)
     keys = view.keys(train_ex + eval_ex)
     cache = TeacherCache(recipe.cache_dir)
@@ -132,6 +144,8 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
 
     train_ex, _ = load_data(recipe)
     view = TeacherPrompts(recipe)
+    models.check_pairing(recipe.student, view.source.directory, view.tokenizer)
+    check_writable(recipe.out_dir, "out")
     keys = view.keys(train_ex)
     rows = _cached_rows(recipe, keys, "train")
     # The baseline is the same student trained on the teacher's text alone.
@@ -176,12 +190,17 @@ def evaluate(recipe: Recipe) -> dict:
 
     _, eval_ex = load_data(recipe)
     view = TeacherPrompts(recipe)
+    check_writable(recipe.out_dir, "out")
     rows = _cached_rows(recipe, view.keys(eval_ex), "held-out")
     return evaluate_run(recipe, view, eval_ex, rows)
 
 
 def run(recipe: Recipe) -> dict:
     """generate -> train (resuming from checkpoints) -> evaluate; finished work is skipped."""
+    load_data(recipe)
+    view = TeacherPrompts(recipe)
+    models.check_pairing(recipe.student, view.source.directory, view.tokenizer)  # before the teacher's work
+    check_writable(recipe.out_dir, "out")
     timings = {}
     t = time.time()
     gen = generate(recipe)
