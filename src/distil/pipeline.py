@@ -46,7 +46,7 @@ class TeacherPrompts:
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
-        self.source = models.resolve(recipe.teacher.model, recipe.teacher.gguf_file)
+        self.source = models.resolve(recipe.teacher.model, recipe.teacher.gguf_file, field="teacher.model")
         self.tokenizer = models.load_tokenizer(self.source.directory, recipe.teacher.trust_remote_code)
         self.settings = generation_settings(recipe)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from distil.errors import DistilError
 
@@ -123,6 +123,24 @@ class Recipe(_Section):
     cache: str | None = Field(None, description="teacher cache directory (default: $DISTIL_HOME/teacher-cache)")
     # Not a YAML key: where the recipe came from, so relative paths resolve against it.
     source: str | None = Field(None, exclude=True)
+    _lines: dict = PrivateAttr(default_factory=dict)  # key path -> line in the YAML file
+    _overridden: set = PrivateAttr(default_factory=set)  # key paths set on the command line
+
+    def locate(self, error: DistilError) -> DistilError:
+        """`error` with the recipe file and line filled in, when it names a recipe key but no file.
+
+        Errors found after validation (a layer index the teacher lacks, a student too large)
+        then point at the line to fix, like validation errors do.
+        """
+        if error.file is not None or not error.field or self.source is None:
+            return error
+        path = tuple(int(p) if p.isdigit() else p for p in error.field.split("."))
+        if any(path[: len(o)] == o for o in self._overridden):
+            file, line = "command line", None
+        else:
+            file = self.source
+            line = next((self._lines[path[:n]] for n in range(len(path), 0, -1) if path[:n] in self._lines), None)
+        return DistilError(error.message, file=file, line=line, row=error.row, field=error.field)
 
     def resolve(self, path: str) -> Path:
         """A path from the recipe, relative to the recipe file's folder unless absolute."""
@@ -193,7 +211,7 @@ def _unknown_key_error(path: tuple, file: str, line: int | None, via: str = "") 
 def apply_override(data: dict, override: str) -> None:
     """Apply one `key.sub=value` override in place; the value is parsed as YAML."""
     if "=" not in override:
-        raise DistilError(f"override '{override}' is not of the form key.sub=value", field=override)
+        raise DistilError(f"override '{override}' is not of the form key.sub=value", file="command line")
     dotted, raw = override.split("=", 1)
     keys = dotted.strip().split(".")
     try:
@@ -252,6 +270,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     except ValidationError as e:
         raise _validation_error(e, file, lines, overridden) from None
     recipe.source = file
+    recipe._lines, recipe._overridden = lines, overridden
     return recipe
 
 
