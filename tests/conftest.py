@@ -173,3 +173,13 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--reliability-full", action="store_true",
+                     help="run the reliability tests at full size (20+ kill trials); by default a quick subset")
+
+
+@pytest.fixture
+def reliability_full(request) -> bool:
+    return request.config.getoption("--reliability-full")

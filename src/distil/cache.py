@@ -8,7 +8,6 @@ ignored and later removed. Many students and training runs can read the same cac
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -19,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distil.errors import DistilError
+from distil.errors import DistilError, is_disk_full
 
 SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -128,7 +127,7 @@ class TeacherCache:
                 os.close(dir_fd)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            reason = "disk full" if e.errno == errno.ENOSPC else e.strerror or str(e)
+            reason = "disk full" if is_disk_full(e) else e.strerror or str(e)
             raise DistilError(f"cannot write teacher cache shard ({reason}); rows already cached are intact",
                               file=str(final)) from None
         return final

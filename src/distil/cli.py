@@ -106,6 +106,14 @@ def main() -> None:
             e = _state["recipe"].locate(e)
         typer.echo(f"error: {e.one_line()}", err=True)
         sys.exit(2)
+    except OSError as e:
+        from distil.errors import is_disk_full
+
+        if debug or not is_disk_full(e):
+            raise
+        typer.echo(f"error: {e.filename or 'disk'}: no space left on device; finished work on disk is intact, "
+                   "re-run to continue", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)

@@ -38,3 +38,13 @@ class DistilError(Exception):
             where += f"row {self.row}: "
         field = f'field "{self.field}": ' if self.field else ""
         return f"{where}{field}{self.message}"
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` means no space (or quota) is left, whatever library raised it."""
+    import errno
+
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return "No space left on device" in text or "os error 28" in text or "StorageFull" in text

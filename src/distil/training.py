@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from distil.errors import DistilError
+from distil.errors import DistilError, is_disk_full
 from distil.losses import divergence, sparse_forward_kl_from_log_probs
 
 
@@ -184,10 +184,18 @@ def _save_checkpoint(folder: Path, step: int, objective: DistillationObjective, 
                      keep: int = 2) -> None:
     tmp, final = folder / f".step-{step:07d}.tmp", folder / f"step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    objective.student.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "projections": objective.projections.state_dict(),
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "train_state.pt")
+    try:
+        objective.student.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "projections": objective.projections.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "train_state.pt")
+    except Exception as e:  # safetensors and torch.save report a full disk as their own error types
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) or "os error" in str(e).lower() or "No space" in str(e):
+            reason = "disk full" if is_disk_full(e) else str(e).splitlines()[0]
+            raise DistilError(f"cannot write checkpoint ({reason}); earlier checkpoints are intact, "
+                              "resume with --resume", file=str(final)) from None
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(folder.glob("step-*"))[:-keep]:
