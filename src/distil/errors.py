@@ -40,11 +40,23 @@ class DistilError(Exception):
         return f"{where}{field}{self.message}"
 
 
-def is_disk_full(error: BaseException) -> bool:
-    """Whether `error` means no space (or quota) is left, whatever library raised it."""
+def is_disk_full(error: BaseException, path=None) -> bool:
+    """Whether `error` means no space (or quota) is left, whatever library raised it.
+
+    Some writers (torch.save's zip writer) report a full disk only as a generic stream
+    error; with `path` given, an error raised while almost no space is left there counts too.
+    """
     import errno
+    import shutil
 
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(error)
-    return "No space left on device" in text or "os error 28" in text or "StorageFull" in text
+    if "No space left on device" in text or "os error 28" in text or "StorageFull" in text:
+        return True
+    if path is not None:
+        try:
+            return shutil.disk_usage(path).free < 1 << 20
+        except OSError:
+            return False
+    return False

@@ -189,13 +189,11 @@ def _save_checkpoint(folder: Path, step: int, objective: DistillationObjective, 
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "projections": objective.projections.state_dict(),
                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "train_state.pt")
-    except Exception as e:  # safetensors and torch.save report a full disk as their own error types
+    except Exception as e:  # safetensors and torch.save report write failures as their own error types
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) or "os error" in str(e).lower() or "No space" in str(e):
-            reason = "disk full" if is_disk_full(e) else str(e).splitlines()[0]
-            raise DistilError(f"cannot write checkpoint ({reason}); earlier checkpoints are intact, "
-                              "resume with --resume", file=str(final)) from None
-        raise
+        reason = "disk full" if is_disk_full(e, folder) else str(e).splitlines()[0]
+        raise DistilError(f"cannot write checkpoint ({reason}); earlier checkpoints are intact, "
+                          "resume with --resume", file=str(final)) from e
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(folder.glob("step-*"))[:-keep]:
