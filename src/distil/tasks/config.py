@@ -98,7 +98,8 @@ class EmbeddingData(_Section):
     document_field: str | None = None
     pair_fields: list[str] | None = Field(None, min_length=2, max_length=2, description="eval: a scored pair's two columns")
     score_field: str | None = Field(None, description="eval: the pair's human score (Spearman against it)")
-    label_field: str | None = Field(None, description="eval: class column for kNN accuracy")
+    label_field: str | None = Field(None, description="eval: class column for kNN accuracy "
+                                                                 "(of query_field's text, else text_fields[0]'s)")
     max_train: int | None = Field(None, gt=0)
     max_eval: int | None = Field(None, gt=0)
     max_length: int = Field(128, gt=0)

@@ -175,6 +175,8 @@ def build_student(teacher, spec: EmbeddingStudent):
     if bad:
         raise DistilError(f"the teacher has layers 0..{n_layers - 1}; got {bad}", field="student.layers")
     h = spec.hidden_size or width
+    if h > width:
+        raise DistilError(f"hidden_size {h} is wider than the teacher's {width}", field="student.hidden_size")
     heads = spec.num_attention_heads or (cfg.num_attention_heads if h == width else max(1, h // (width // cfg.num_attention_heads)))
     if h % heads:
         raise DistilError(f"hidden_size {h} is not divisible by {heads} attention heads", field="student.num_attention_heads")
@@ -244,7 +246,7 @@ def train(recipe: EmbeddingRecipe, resume: bool = False) -> dict:
     del teacher
 
     def loss_fn(idx):
-        features = student.tokenize([sentences[i] for i in idx])
+        features = student.preprocess([sentences[i] for i in idx])
         emb = student(features)["sentence_embedding"]
         return embedding_loss(emb, target[idx], cfg)
 
@@ -340,7 +342,7 @@ def evaluate(recipe: EmbeddingRecipe) -> dict:
             if scores is not None:
                 m["spearman_score"] = float(spearmanr(pair_sims[role], scores).statistic)
         if d.label_field:
-            m["knn_accuracy"] = knn_accuracy(_encode(model, [r[d.text_fields[0]] for r in rows], e.batch_size),
+            m["knn_accuracy"] = knn_accuracy(_encode(model, [r[d.query_field or d.text_fields[0]] for r in rows], e.batch_size),
                                              [str(r[d.label_field]) for r in rows], e.knn)
         m["sentences_per_s"] = round(sentences_per_s(model, speed_text, e.batch_size), 1)
         results[role] = m
