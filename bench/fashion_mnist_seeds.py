@@ -5,6 +5,7 @@ teacher is trained once and cached) and prints teacher accuracy and student / ba
 accuracy as mean ± std (sample std, n-1).
 
 Usage: python bench/fashion_mnist_seeds.py [--seeds 0 1 2] [--out runs/fashion_mnist_seeds] [overrides...]
+       python bench/fashion_mnist_seeds.py --summarize --out DIR    (only read DIR/seed*/report.json)
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="runs/fashion_mnist_seeds")
+    ap.add_argument("--summarize", action="store_true", help="summarize finished runs; train nothing")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     reports = []
     for seed in args.seeds:
+        if args.summarize:
+            reports.append(json.loads(Path(args.out, f"seed{seed}", "report.json").read_text()))
+            continue
         recipe = load_recipe(shipped("recipes/fashion_mnist.yaml"),
                              [*args.overrides, f"train.seed={seed}", f"out={args.out}/seed{seed}"])
         reports.append(run(recipe)["report"])
@@ -41,6 +46,8 @@ def main() -> None:
                                              "values": values}
     table["params"] = {role: reports[0]["models"][role]["params"] for role in ("teacher", "student")}
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.summarize:
+        table["settings"] = reports[0]["settings"]
     Path(args.out, "summary.json").write_text(json.dumps(table, indent=2))
     print(json.dumps(table, indent=2))
 

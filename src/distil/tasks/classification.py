@@ -270,7 +270,8 @@ def train(recipe: ClassificationRecipe, resume: bool = False) -> dict:
                                  temperature=cfg.temperature, alpha=alpha)
 
         recipe.out_dir.mkdir(parents=True, exist_ok=True)
-        summary = common.fit(model, loss_fn, len(train_split), epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+        n = min(cfg.examples or len(train_split), len(train_split))
+        summary = common.fit(model, loss_fn, n, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                              weight_decay=cfg.weight_decay, warmup=cfg.warmup, max_grad_norm=cfg.max_grad_norm,
                              seed=cfg.seed, name=name, log_path=recipe.out_dir / f"train_{name}.jsonl")
         summary["alpha"] = alpha

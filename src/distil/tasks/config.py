@@ -62,6 +62,8 @@ class ClassificationData(_Section):
 class ClassificationTrain(FitConfig):
     temperature: float = Field(4.0, gt=0, description="softens teacher and student probabilities in the KL")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of hard-label cross-entropy; 1 - alpha goes to T^2 * KL")
+    examples: int | None = Field(None, gt=0, description="train the student on the first N training examples only "
+                                                          "(the teacher still learns from all of them)")
 
 
 class ClassificationEval(_Section):
