@@ -344,7 +344,8 @@ def evaluate(recipe: ClassificationRecipe) -> dict:
     report = {"task": "classification", "headline": headline, "teacher": identity, "examples": len(held_out),
               "classes": held_out.classes, "models": results, "confusion": confusion,
               "settings": {"temperature": recipe.train.temperature, "alpha": recipe.train.alpha,
-                           "epochs": recipe.train.epochs, "seed": recipe.train.seed}}
+                           "epochs": recipe.train.epochs, "examples": recipe.train.examples or len(train_split),
+                           "seed": recipe.train.seed}}
     common.write_json(recipe.out_dir / "report.json", report)
     write_task_report(report, recipe.out_dir / "report.html")
     return report
