@@ -163,6 +163,41 @@ def test_classification_end_to_end_save_and_reload(tmp_path):
     assert acc == pytest.approx(report["models"]["student"]["accuracy"])
 
 
+def test_classification_with_hugging_face_image_classifiers(tmp_path):
+    """An AutoModelForImageClassification teacher (fine-tuned first) and a narrower one built from its config."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from distil import pipeline
+    from distil.tasks.classification import load_model, load_split, predict
+
+    torch.manual_seed(0)
+    vit = tmp_path / "vit"
+    ViTForImageClassification(ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, intermediate_size=32, num_labels=3)).save_pretrained(vit)
+    for name, n, seed in (("train", 64, 0), ("eval", 32, 1)):
+        x, y = _images(n, seed)
+        np.savez(tmp_path / f"{name}.npz", x=x, y=y)
+    data = _cls_dict(tmp_path)
+    data["teacher"] = {"model": str(vit), "train": {"epochs": 1, "batch_size": 32, "warmup": 0}}
+    data["student"] = {"model": str(vit), "config": {"hidden_size": 8, "intermediate_size": 16}}
+    data["train"] = {"epochs": 1, "batch_size": 32, "warmup": 0, "examples": 32}
+    recipe = load_recipe(_write(tmp_path / "r.yaml", data))
+    pipeline.generate(recipe)
+    assert pipeline.train(recipe)["student"]["steps"] == 1  # train.examples: 32 images, one batch
+    report = pipeline.evaluate(recipe)
+    assert report["models"]["student"]["params"] < report["models"]["teacher"]["params"]
+    assert (tmp_path / "out/student/config.json").exists()  # a plain Hugging Face folder
+    held_out = load_split(recipe, "eval")
+    logits, _ = predict(load_model(tmp_path / "out/student"), held_out, 16)
+    assert float((logits.argmax(-1) == held_out.y).float().mean()) == pytest.approx(report["models"]["student"]["accuracy"])
+
+    data["student"]["config"] = {"hidden_sise": 8}
+    recipe = load_recipe(_write(tmp_path / "r.yaml", data))
+    with pytest.raises(DistilError) as e:
+        pipeline.train(recipe)
+    assert e.value.field == "student.config.hidden_sise"
+
+
 def test_classification_data_errors(tmp_path):
     from distil import pipeline
 
