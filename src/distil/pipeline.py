@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from distil import models
+from distil import models, tasks
 from distil.cache import TeacherCache, row_key
 from distil.data import Example, format_prompt, load_examples
 from distil.errors import DistilError
@@ -85,6 +85,8 @@ def generate(recipe: Recipe) -> dict:
 
     Returns a summary: rows total, generated now, already cached, tokens, seconds, tokens/s.
     """
+    if recipe.task != "causal_lm":
+        return tasks.stage(recipe, "generate")
     from distil.teachers.local import LocalTeacher
 
     train_ex, eval_ex = load_data(recipe)
@@ -138,6 +140,8 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     Saves `<out>/student` (and `<out>/baseline`) as plain Hugging Face model folders. A run
     whose model folder already matches the recipe is skipped.
     """
+    if recipe.task != "causal_lm":
+        return tasks.stage(recipe, "train", resume=resume)
     from accelerate import PartialState
 
     from distil.training import train_student
@@ -186,6 +190,8 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
 
 def evaluate(recipe: Recipe) -> dict:
     """Score teacher, student and baseline on the held-out split; write report.json and report.html."""
+    if recipe.task != "causal_lm":
+        return tasks.stage(recipe, "evaluate")
     from distil.evaluation import evaluate_run
 
     _, eval_ex = load_data(recipe)

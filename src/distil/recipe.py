@@ -113,6 +113,8 @@ class EvalConfig(_Section):
 
 
 class Recipe(_Section):
+    task: Literal["causal_lm", "classification", "embedding"] = Field(
+        "causal_lm", description="what is distilled; classification and embedding recipes: distil.tasks.config")
     teacher: TeacherConfig
     student: StudentConfig
     data: DataConfig
@@ -163,9 +165,9 @@ def _field_names(model: type[BaseModel]) -> list[str]:
     return [f.alias or n for n, f in model.model_fields.items() if not f.exclude]
 
 
-def _section_model(path: tuple) -> type[BaseModel] | None:
+def _section_model(path: tuple, root: type[BaseModel] | None = None) -> type[BaseModel] | None:
     """The pydantic model that validates the mapping at `path` (None if not a section)."""
-    model: type[BaseModel] = Recipe
+    model: type[BaseModel] = root or Recipe
     for key in path:
         field = model.model_fields.get(key)
         if field is None:
@@ -199,8 +201,9 @@ def _key_lines(text: str) -> dict[tuple, int]:
     return lines
 
 
-def _unknown_key_error(path: tuple, file: str, line: int | None, via: str = "") -> DistilError:
-    parent = _section_model(path[:-1])
+def _unknown_key_error(path: tuple, file: str, line: int | None, via: str = "",
+                       root: type[BaseModel] | None = None) -> DistilError:
+    parent = _section_model(path[:-1], root)
     valid = _field_names(parent) if parent else []
     close = difflib.get_close_matches(str(path[-1]), valid, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else (f"; valid keys: {', '.join(valid)}" if valid else "")
@@ -208,7 +211,7 @@ def _unknown_key_error(path: tuple, file: str, line: int | None, via: str = "") 
     return DistilError(f"unknown key{via}{hint}", file=file, line=line, field=dotted)
 
 
-def apply_override(data: dict, override: str) -> None:
+def apply_override(data: dict, override: str, root: type[BaseModel] | None = None) -> None:
     """Apply one `key.sub=value` override in place; the value is parsed as YAML."""
     if "=" not in override:
         raise DistilError(f"override '{override}' is not of the form key.sub=value", file="command line")
@@ -221,12 +224,13 @@ def apply_override(data: dict, override: str) -> None:
     node = data
     for depth, key in enumerate(keys[:-1]):
         if not isinstance(node.get(key), dict):
-            if _section_model(tuple(keys[: depth + 1])) is None:
-                raise _unknown_key_error(tuple(keys[: depth + 1]), "command line", None, " in override")
+            if _section_model(tuple(keys[: depth + 1]), root) is None:
+                raise _unknown_key_error(tuple(keys[: depth + 1]), "command line", None, " in override", root)
             node[key] = {}
         node = node[key]
-    if _section_model(tuple(keys[:-1])) is not None and keys[-1] not in _field_names(_section_model(tuple(keys[:-1]))):
-        raise _unknown_key_error(tuple(keys), "command line", None, " in override")
+    parent = _section_model(tuple(keys[:-1]), root)
+    if parent is not None and keys[-1] not in _field_names(parent):
+        raise _unknown_key_error(tuple(keys), "command line", None, " in override", root)
     node[keys[-1]] = value
 
 
@@ -261,26 +265,40 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         raise DistilError("recipe is empty", file=file)
     if not isinstance(data, dict):
         raise DistilError("a recipe must be a mapping of sections (teacher, student, data, ...)", file=file, line=1)
+    root = _task_model(data, overrides)
     overridden: set[tuple] = set()
     for override in overrides:
-        apply_override(data, override)
+        apply_override(data, override, root)
         overridden.add(tuple(override.split("=", 1)[0].strip().split(".")))
     try:
-        recipe = Recipe.model_validate(data)
+        recipe = root.model_validate(data)
     except ValidationError as e:
-        raise _validation_error(e, file, lines, overridden) from None
+        raise _validation_error(e, file, lines, overridden, root) from None
     recipe.source = file
     recipe._lines, recipe._overridden = lines, overridden
     return recipe
 
 
-def _validation_error(e: ValidationError, file: str, lines: dict, overridden: set) -> DistilError:
+def _task_model(data: dict, overrides) -> type[BaseModel]:
+    """The recipe model for the recipe's `task` (a `task=...` override wins); Recipe for causal_lm."""
+    task = data.get("task")
+    for override in overrides:
+        if override.split("=", 1)[0].strip() == "task":
+            task = override.split("=", 1)[1].strip()
+    if task in ("classification", "embedding"):
+        from distil.tasks.config import TASK_RECIPES
+        return TASK_RECIPES[task]
+    return Recipe
+
+
+def _validation_error(e: ValidationError, file: str, lines: dict, overridden: set,
+                      root: type[BaseModel] | None = None) -> DistilError:
     err = e.errors()[0]
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-after", "literal["))))
     source = "command line" if any(loc[: len(o)] == o for o in overridden) else file
     line = None if source == "command line" else next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
     if err["type"] == "extra_forbidden":
-        return _unknown_key_error(loc, source, line)
+        return _unknown_key_error(loc, source, line, root=root)
     msg = err["msg"]
     if err["type"] == "missing":
         msg = "required key is missing"

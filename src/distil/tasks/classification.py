@@ -1,0 +1,351 @@
+"""Classification distillation: a teacher's class probabilities teach a small classifier.
+
+Stages, as for causal LMs:
+  generate  train the teacher on hard labels first when the recipe says so (cached by content),
+            then store its logits for every train and held-out example in the teacher cache;
+  train     the student on alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher || student) and,
+            with eval.baseline, the same student on hard labels alone;
+  evaluate  accuracy, macro-F1, expected calibration error, agreement with the teacher,
+            parameters and examples/s for each model; report.json and report.html (confusion matrices).
+
+Data: `.npz` with arrays x (features or images) and y (int labels); `*-images-idx3-ubyte[.gz]`
+with its `*-labels-idx1-ubyte[.gz]` beside it (MNIST / Fashion-MNIST); or JSONL / CSV / Parquet
+rows with a text and a label column (text classification; the teacher's tokenizer is used).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from distil import models
+from distil.errors import DistilError
+from distil.tasks import common, factory
+from distil.tasks.config import ClassificationRecipe
+from distil.tasks.losses import soft_label_kd
+
+
+@dataclass
+class Split:
+    x: torch.Tensor | dict[str, torch.Tensor]  # images / features, or tokenized text
+    y: torch.Tensor
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def take(self, idx: torch.Tensor):
+        return self.x[idx] if isinstance(self.x, torch.Tensor) else {k: v[idx] for k, v in self.x.items()}
+
+    def digest(self) -> str:
+        xs = [self.x] if isinstance(self.x, torch.Tensor) else [self.x[k] for k in sorted(self.x)]
+        return common.tensor_digest(*xs, self.y)
+
+
+# ----------------------------------------------------------------------------- data
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    magic = int.from_bytes(data[:4], "big")
+    if magic not in (2049, 2051):
+        raise DistilError(f"not an IDX labels/images file (magic {magic})", file=str(path))
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if "-images-idx3-ubyte" in path.name:
+        labels = path.with_name(path.name.replace("-images-idx3-ubyte", "-labels-idx1-ubyte"))
+        if not labels.exists():
+            raise DistilError(f"labels file {labels.name} not found beside the images", file=str(path))
+        return _read_idx(path)[:, None].astype(np.float32) / 255.0, _read_idx(labels).astype(np.int64)
+    with np.load(path, allow_pickle=False) as z:
+        missing = [k for k in ("x", "y") if k not in z]
+        if missing:
+            raise DistilError(f"npz file needs arrays x and y (missing {missing})", file=str(path))
+        return z["x"].astype(np.float32), z["y"].astype(np.int64)
+
+
+def load_split(recipe: ClassificationRecipe, which: str, tokenizer=None, classes: list[str] | None = None) -> Split:
+    """The `data.train` or `data.eval` split, capped by data.max_train / data.max_eval."""
+    d = recipe.data
+    path = recipe.resolve(getattr(d, which))
+    cap = d.max_train if which == "train" else d.max_eval
+    if not path.exists():
+        hint = " (install Debian's dataset-fashion-mnist package)" if "fashion-mnist" in str(path) else ""
+        raise DistilError(f"data file not found{hint}", file=str(path), field=f"data.{which}")
+    if path.suffix in (".npz", ".gz") or "-idx" in path.name:
+        x, y = _load_arrays(path)
+        x, y = torch.from_numpy(x[:cap]), torch.from_numpy(y[:cap])
+        names = classes or d.classes or [str(i) for i in range(int(y.max()) + 1)]
+        if int(y.min()) < 0 or int(y.max()) >= len(names):
+            raise DistilError(f"labels must be in 0..{len(names) - 1}", file=str(path), field="y")
+        return Split(x, y, names)
+    rows = []
+    for where, row in common.read_rows(path)[:cap]:
+        for field in (d.text_field, d.label_field):
+            if field not in row:
+                raise DistilError("missing column", file=str(path), field=field, **where)
+        rows.append(row)
+    labels = [str(r[d.label_field]) for r in rows]
+    names = classes or d.classes or sorted(set(labels))
+    unknown = sorted(set(labels) - set(names))
+    if unknown:
+        raise DistilError(f"labels {unknown[:5]} are not in data.classes", file=str(path), field=d.label_field)
+    if tokenizer is None:
+        raise DistilError("text classification needs a Hugging Face teacher (its tokenizer)", field="teacher.model")
+    enc = tokenizer([str(r[d.text_field]) for r in rows], padding="max_length", truncation=True,
+                    max_length=d.max_length, return_tensors="pt")
+    x = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    return Split(x, torch.tensor([names.index(lab) for lab in labels]), names)
+
+
+def load_data(recipe: ClassificationRecipe) -> tuple[Split, Split]:
+    tokenizer = None
+    if not recipe.teacher.model.startswith("factory:") and _is_text(recipe):
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(models.resolve(recipe.teacher.model).directory)
+    train = load_split(recipe, "train", tokenizer)
+    held_out = load_split(recipe, "eval", tokenizer, classes=train.classes)
+    return train, held_out
+
+
+def _is_text(recipe: ClassificationRecipe) -> bool:
+    name = Path(recipe.data.train).name
+    return not (name.endswith((".npz", ".gz")) or "-idx" in name)
+
+
+# ----------------------------------------------------------------------------- models
+
+def _auto_class(is_text: bool):
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+    return AutoModelForSequenceClassification if is_text else AutoModelForImageClassification
+
+
+def build_model(model: str, args: dict, config: dict | None, num_classes: int, is_text: bool) -> torch.nn.Module:
+    """A fresh (factory / from config) or pretrained (HF folder) classifier with `num_classes` outputs."""
+    if model.startswith("factory:"):
+        return factory.build(model, num_classes, args)
+    from transformers import AutoConfig
+    directory = models.resolve(model).directory
+    auto = _auto_class(is_text)
+    if config is not None:
+        cfg = AutoConfig.from_pretrained(directory)
+        for k, v in config.items():
+            if not hasattr(cfg, k):
+                raise DistilError(f"the model config has no key '{k}'", field=f"student.config.{k}")
+            setattr(cfg, k, v)
+        cfg.num_labels = num_classes
+        return auto.from_config(cfg)
+    return auto.from_pretrained(directory, num_labels=num_classes, ignore_mismatched_sizes=True)
+
+
+def save_model(model: torch.nn.Module, folder: Path, spec: str, args: dict, num_classes: int, extra: dict) -> None:
+    """Save atomically: factory models as safetensors + distil_model.json, HF models with save_pretrained."""
+    def write(tmp: Path):
+        if spec.startswith("factory:"):
+            factory.save(model, tmp, spec, num_classes, args)
+        else:
+            model.save_pretrained(tmp)
+        (tmp / "distil_train.json").write_text(json.dumps(extra, indent=2, default=str))
+    common.write_atomic(folder, write)
+
+
+def load_model(folder: Path, is_text: bool = False) -> torch.nn.Module:
+    """Load a classifier saved by `save_model` (or any HF classifier folder)."""
+    folder = Path(folder)
+    if (folder / "distil_model.json").exists():
+        return factory.load(folder)
+    return _auto_class(is_text).from_pretrained(folder).eval()
+
+
+def logits_of(model: torch.nn.Module, x) -> torch.Tensor:
+    out = model(**x) if isinstance(x, dict) else (model(x) if isinstance(model, torch.nn.Sequential)
+                                                   else model(pixel_values=x))
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, split: Split, batch_size: int) -> tuple[torch.Tensor, float]:
+    """All logits of `split` (float32) and the examples/s of the pass."""
+    model.eval()
+    t0 = time.perf_counter()
+    out = [logits_of(model, split.take(torch.arange(i, min(i + batch_size, len(split))))).float()
+           for i in range(0, len(split), batch_size)]
+    return torch.cat(out), len(split) / (time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- teacher
+
+def _teacher_folder(recipe: ClassificationRecipe, train: Split) -> Path:
+    key = common.fingerprint("classifier-teacher", recipe.teacher.model_dump(), train.digest())
+    return recipe.cache_dir / "classifiers" / key[:24]
+
+
+def teacher(recipe: ClassificationRecipe, train: Split) -> tuple[torch.nn.Module, str]:
+    """The teacher and its identity; trained on hard labels first (once, cached) when teacher.train is set."""
+    t = recipe.teacher
+    is_text = isinstance(train.x, dict)
+    if t.train is None:
+        if t.model.startswith("factory:"):
+            raise DistilError("a factory teacher starts untrained: give teacher.train", field="teacher.train")
+        source = models.resolve(t.model)
+        return load_model(source.directory, is_text), source.identity
+    folder = _teacher_folder(recipe, train)
+    if (folder / "distil_train.json").exists():
+        return load_model(folder, is_text), folder.name
+    torch.manual_seed(t.train.seed)
+    model = build_model(t.model, t.args, None, len(train.classes), is_text)
+    fit_cfg = t.train.model_dump()
+    summary = common.fit(model, lambda idx: F.cross_entropy(logits_of(model, train.take(idx)), train.y[idx]),
+                         len(train), name="teacher", **fit_cfg)
+    save_model(model, folder, t.model, t.args, len(train.classes), {"summary": summary})
+    return model.eval(), folder.name
+
+
+def _soft_label_path(recipe: ClassificationRecipe, identity: str, train: Split, held_out: Split) -> Path:
+    key = common.fingerprint("soft-labels", identity, train.digest(), held_out.digest())
+    return recipe.cache_dir / "soft-labels" / f"{key[:32]}.safetensors"
+
+
+def generate(recipe: ClassificationRecipe) -> dict:
+    """Train (if asked) and run the teacher; cache its logits on both splits."""
+    train_split, held_out = load_data(recipe)
+    t0 = time.time()
+    model, identity = teacher(recipe, train_split)
+    path = _soft_label_path(recipe, identity, train_split, held_out)
+    summary = {"teacher": identity, "rows": len(train_split) + len(held_out), "cache": str(path)}
+    if path.exists():
+        return {**summary, "cached_before": summary["rows"], "generated": 0}
+    train_logits, _ = predict(model, train_split, recipe.eval.batch_size)
+    eval_logits, _ = predict(model, held_out, recipe.eval.batch_size)
+    common.save_tensors(path, {"train": train_logits, "eval": eval_logits})
+    return {**summary, "cached_before": 0, "generated": summary["rows"], "seconds": round(time.time() - t0, 1)}
+
+
+def _cached_logits(recipe: ClassificationRecipe, train: Split, held_out: Split) -> dict[str, torch.Tensor]:
+    t = recipe.teacher
+    identity = (_teacher_folder(recipe, train).name if t.train is not None else models.resolve(t.model).identity)
+    path = _soft_label_path(recipe, identity, train, held_out)
+    if not path.exists():
+        raise DistilError("the teacher's soft labels are not in the teacher cache; run `distil generate` first",
+                          file=str(path.parent))
+    return common.load_tensors(path)
+
+
+# ----------------------------------------------------------------------------- train
+
+def train(recipe: ClassificationRecipe, resume: bool = False) -> dict:
+    """Train the student on soft + hard labels (and the hard-label baseline); save under <out>/."""
+    train_split, held_out = load_data(recipe)
+    soft = _cached_logits(recipe, train_split, held_out)["train"]
+    s, cfg = recipe.student, recipe.train
+    is_text = isinstance(train_split.x, dict)
+    runs = [("student", cfg.alpha)] + ([("baseline", 1.0)] if recipe.eval.baseline else [])
+    summaries = {}
+    for name, alpha in runs:
+        settings = cfg.model_dump(exclude={"alpha", "temperature"} if alpha == 1.0 else None)
+        key = common.fingerprint(s.model_dump(), settings, alpha, train_split.digest(),
+                                 common.tensor_digest(soft) if alpha < 1.0 else None)
+        folder = recipe.out_dir / name
+        marker = folder / "distil_train.json"
+        if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == key:
+            summaries[name] = {"skipped": True, **json.loads(marker.read_text())["summary"]}
+            continue
+        torch.manual_seed(cfg.seed)
+        model = build_model(s.model, s.args, s.config, len(train_split.classes), is_text)
+
+        def loss_fn(idx, model=model, alpha=alpha):
+            return soft_label_kd(logits_of(model, train_split.take(idx)), soft[idx], train_split.y[idx],
+                                 temperature=cfg.temperature, alpha=alpha)
+
+        recipe.out_dir.mkdir(parents=True, exist_ok=True)
+        n = min(cfg.examples or len(train_split), len(train_split))
+        summary = common.fit(model, loss_fn, n, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                             weight_decay=cfg.weight_decay, warmup=cfg.warmup, max_grad_norm=cfg.max_grad_norm,
+                             seed=cfg.seed, name=name, log_path=recipe.out_dir / f"train_{name}.jsonl")
+        summary["alpha"] = alpha
+        save_model(model, folder, s.model, s.args, len(train_split.classes), {"fingerprint": key, "summary": summary})
+        summaries[name] = summary
+    return summaries
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """ECE: sum over equal-width confidence bins of |accuracy - mean confidence| * (bin share)."""
+    conf, pred = probs.max(dim=-1)
+    correct = (pred == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            ece += float(inside.float().mean() * (correct[inside].mean() - conf[inside].mean()).abs())
+    return ece
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
+                           bins: int = 15) -> dict:
+    """accuracy, macro_f1, ece, and agreement (same argmax as the teacher) for one model's logits."""
+    from sklearn.metrics import f1_score
+    pred = logits.argmax(-1)
+    out = {"accuracy": float((pred == labels).float().mean()),
+           "macro_f1": float(f1_score(labels.numpy(), pred.numpy(), average="macro")),
+           "ece": expected_calibration_error(logits.softmax(-1), labels, bins)}
+    if teacher_logits is not None:
+        out["teacher_agreement"] = float((pred == teacher_logits.argmax(-1)).float().mean())
+    return out
+
+
+def evaluate(recipe: ClassificationRecipe) -> dict:
+    """Score teacher, student and baseline on the held-out split; write report.json and report.html."""
+    from sklearn.metrics import confusion_matrix
+
+    from distil.tasks.report import write_task_report
+
+    train_split, held_out = load_data(recipe)
+    is_text = isinstance(held_out.x, dict)
+    model, identity = teacher(recipe, train_split)
+    roles = {"teacher": model}
+    for name in ("student", "baseline"):
+        if (recipe.out_dir / name / "distil_train.json").exists():
+            roles[name] = load_model(recipe.out_dir / name, is_text)
+    if "student" not in roles:
+        raise DistilError("no trained student; run `distil train` first", file=str(recipe.out_dir / "student"))
+    torch.set_num_threads(torch.get_num_threads())
+    results, confusion = {}, {}
+    teacher_logits = None
+    for role, m in roles.items():
+        logits, per_s = predict(m, held_out, recipe.eval.batch_size)
+        if role == "teacher":
+            teacher_logits = logits
+        metrics = classification_metrics(logits, held_out.y, None if role == "teacher" else teacher_logits,
+                                         recipe.eval.calibration_bins)
+        results[role] = {**metrics, "params": common.parameter_count(m), "examples_per_s": round(per_s, 1)}
+        confusion[role] = confusion_matrix(held_out.y.numpy(), logits.argmax(-1).numpy(),
+                                           labels=list(range(len(held_out.classes)))).tolist()
+    t, s = results["teacher"], results["student"]
+    compression = t["params"] / s["params"]
+    headline = (f"student keeps {100 * s['accuracy'] / t['accuracy']:.1f}% of the teacher's accuracy "
+                f"({100 * s['accuracy']:.2f}% vs {100 * t['accuracy']:.2f}%) at {compression:.1f}x fewer parameters")
+    if "baseline" in results:
+        headline += f"; hard labels alone: {100 * results['baseline']['accuracy']:.2f}%"
+    report = {"task": "classification", "headline": headline, "teacher": identity, "examples": len(held_out),
+              "classes": held_out.classes, "models": results, "confusion": confusion,
+              "settings": {"temperature": recipe.train.temperature, "alpha": recipe.train.alpha,
+                           "epochs": recipe.train.epochs, "examples": recipe.train.examples or len(train_split),
+                           "seed": recipe.train.seed}}
+    common.write_json(recipe.out_dir / "report.json", report)
+    write_task_report(report, recipe.out_dir / "report.html")
+    return report

@@ -1,0 +1,298 @@
+"""Classification and embedding distillation on tiny models and tiny synthetic data (offline).
+
+Recipe validation for `task:`, the task losses against float64 references, and each task's
+generate -> train -> evaluate with its students saved and reloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from distil.errors import DistilError
+from distil.recipe import Recipe, load_recipe
+from distil.tasks.config import ClassificationRecipe, EmbeddingRecipe
+from distil.tasks.losses import embedding_cosine, embedding_mse, similarity_kl, soft_label_kd
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = ("the cat dog bird fish sat ran on a mat log tree sky blue red green big small happy sad "
+         "what is how are you why where who today good bad day night music song").split()
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# ----------------------------------------------------------------------------- recipes
+
+def _cls_dict(root: Path) -> dict:
+    return {"task": "classification",
+            "teacher": {"model": "factory:cnn", "args": {"channels": [4], "hidden": 16, "image_size": 8},
+                        "train": {"epochs": 3, "batch_size": 32, "lr": 1e-2, "warmup": 0}},
+            "student": {"model": "factory:mlp", "args": {"in_features": 64, "hidden": [8]}},
+            "data": {"train": str(root / "train.npz"), "eval": str(root / "eval.npz")},
+            "train": {"epochs": 2, "batch_size": 32, "lr": 1e-2, "warmup": 0, "temperature": 2.0, "alpha": 0.5},
+            "out": str(root / "out"), "cache": str(root / "cache")}
+
+
+def test_shipped_recipes_validate_as_their_task():
+    assert type(load_recipe(REPO / "recipes/quickstart.yaml")) is Recipe
+    assert load_recipe(REPO / "recipes/quickstart.yaml").task == "causal_lm"
+    fm = load_recipe(REPO / "recipes/fashion_mnist.yaml")
+    assert isinstance(fm, ClassificationRecipe) and fm.train.temperature == 4.0
+    ml = load_recipe(REPO / "recipes/minilm.yaml", ["train.epochs=1"])
+    assert isinstance(ml, EmbeddingRecipe) and ml.train.epochs == 1 and ml.student.hidden_size == 128
+
+
+def test_task_recipe_errors_name_file_line_and_field(tmp_path):
+    data = _cls_dict(tmp_path)
+    data["train"]["tempreature"] = 3.0
+    path = _write(tmp_path / "r.yaml", data)
+    with pytest.raises(DistilError) as e:
+        load_recipe(path)
+    assert e.value.file == str(path) and e.value.field == "train.tempreature" and "temperature" in e.value.message
+    assert e.value.line == path.read_text().splitlines().index("  tempreature: 3.0") + 1
+
+    with pytest.raises(DistilError) as e:
+        load_recipe(_write(tmp_path / "r.yaml", _cls_dict(tmp_path)), ["train.alpha=2"])
+    assert e.value.file == "command line" and e.value.field == "train.alpha"
+
+    with pytest.raises(DistilError) as e:
+        load_recipe(_write(tmp_path / "r.yaml", {**_cls_dict(tmp_path), "task": "clasification"}))
+    assert e.value.field == "task"
+
+    emb = {"task": "embedding", "teacher": {"model": "x"}, "student": {"hidden_size": 8}, "data": {"train": "a", "eval": "b"}}
+    with pytest.raises(DistilError) as e:
+        load_recipe(_write(tmp_path / "e.yaml", emb))
+    assert e.value.field == "student.layers" and "missing" in e.value.message
+    with pytest.raises(DistilError) as e:  # a causal-LM key is unknown to an embedding recipe
+        load_recipe(_write(tmp_path / "e.yaml", {**emb, "student": {"layers": [0]}}), ["generate.top_k=3"])
+    assert e.value.field == "generate"
+
+
+# ----------------------------------------------------------------------------- losses vs float64
+
+def test_soft_label_kd_matches_float64_reference():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(16, 7) * 3, torch.randn(16, 7) * 3, torch.randint(0, 7, (16,))
+    T, alpha = 3.0, 0.3
+    s64, t64 = s.double(), t.double()
+    p_t = torch.softmax(t64 / T, -1)
+    kl = (p_t * (torch.log(p_t) - torch.log_softmax(s64 / T, -1))).sum(-1).mean()
+    ce = -torch.log_softmax(s64, -1).gather(1, y[:, None]).mean()
+    ref = alpha * ce + (1 - alpha) * T ** 2 * kl
+    assert torch.allclose(soft_label_kd(s, t, y, temperature=T, alpha=alpha).double(), ref, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(soft_label_kd(s, t, y, temperature=T, alpha=1.0).double(), ce, rtol=1e-5)
+
+
+def test_embedding_losses_match_float64_references():
+    torch.manual_seed(1)
+    s, t = torch.randn(9, 6), torch.randn(9, 10)
+    s2 = torch.randn(9, 10)
+    assert torch.allclose(embedding_mse(s2, t).double(), ((s2.double() - t.double()) ** 2).mean(), rtol=1e-5)
+    cos = (s2.double() * t.double()).sum(-1) / (s2.double().norm(dim=-1) * t.double().norm(dim=-1))
+    assert torch.allclose(embedding_cosine(s2, t).double(), (1 - cos).mean(), rtol=1e-5)
+
+    tau = 0.1
+
+    def rows(e):
+        e = e.double() / e.double().norm(dim=-1, keepdim=True)
+        sims = e @ e.T / tau
+        return [torch.log_softmax(torch.cat([sims[i, :i], sims[i, i + 1:]]), 0) for i in range(len(e))]
+
+    ref = torch.stack([(ls_t.exp() * (ls_t - ls_s)).sum() for ls_s, ls_t in zip(rows(s), rows(t))]).mean()
+    assert torch.allclose(similarity_kl(s, t, temperature=tau).double(), ref, rtol=1e-5, atol=1e-7)
+    assert float(similarity_kl(t, t, temperature=tau)) < 1e-6
+
+
+# ----------------------------------------------------------------------------- classification
+
+def _images(n: int, seed: int):
+    """Three classes of 8x8 images: a bright row, a bright column, or a bright diagonal, plus noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = rng.normal(0, 0.3, (n, 1, 8, 8)).astype(np.float32)
+    for i, c in enumerate(y):
+        k = rng.integers(0, 8)
+        if c == 0:
+            x[i, 0, k, :] += 1
+        elif c == 1:
+            x[i, 0, :, k] += 1
+        else:
+            x[i, 0][np.eye(8, dtype=bool)] += 1
+    return x, y
+
+
+def test_classification_end_to_end_save_and_reload(tmp_path):
+    from distil import pipeline
+    from distil.tasks.classification import load_model, load_split, predict
+
+    for name, n, seed in (("train", 240, 0), ("eval", 90, 1)):
+        x, y = _images(n, seed)
+        np.savez(tmp_path / f"{name}.npz", x=x, y=y)
+    recipe = load_recipe(_write(tmp_path / "r.yaml", _cls_dict(tmp_path)))
+    gen = pipeline.generate(recipe)
+    assert gen["generated"] == 330 and pipeline.generate(recipe)["generated"] == 0  # cached
+    trained = pipeline.train(recipe)
+    assert set(trained) == {"student", "baseline"} and trained["baseline"]["alpha"] == 1.0
+    assert pipeline.train(recipe)["student"]["skipped"]
+    report = pipeline.evaluate(recipe)
+    for role in ("teacher", "student", "baseline"):
+        m = report["models"][role]
+        assert 0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1 and 0 <= m["ece"] <= 1
+    assert report["models"]["teacher"]["accuracy"] > 0.6  # the teacher really learned the three shapes
+    assert "teacher_agreement" in report["models"]["student"]
+    assert np.array(report["confusion"]["student"]).sum() == 90
+    html = (tmp_path / "out/report.html").read_text()
+    assert "Confusion matrices" in html and html.count("data:image/png;base64") == 3
+    assert json.loads((tmp_path / "out/report.json").read_text())["task"] == "classification"
+
+    # a saved student reloads (safetensors, no pickle) and gives the same logits
+    held_out = load_split(recipe, "eval")
+    reloaded = load_model(tmp_path / "out/student")
+    first, _ = predict(reloaded, held_out, 64)
+    again, _ = predict(load_model(tmp_path / "out/student"), held_out, 64)
+    assert torch.equal(first, again)
+    acc = float((first.argmax(-1) == held_out.y).float().mean())
+    assert acc == pytest.approx(report["models"]["student"]["accuracy"])
+
+
+def test_classification_with_hugging_face_image_classifiers(tmp_path):
+    """An AutoModelForImageClassification teacher (fine-tuned first) and a narrower one built from its config."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from distil import pipeline
+    from distil.tasks.classification import load_model, load_split, predict
+
+    torch.manual_seed(0)
+    vit = tmp_path / "vit"
+    ViTForImageClassification(ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, intermediate_size=32, num_labels=3)).save_pretrained(vit)
+    for name, n, seed in (("train", 64, 0), ("eval", 32, 1)):
+        x, y = _images(n, seed)
+        np.savez(tmp_path / f"{name}.npz", x=x, y=y)
+    data = _cls_dict(tmp_path)
+    data["teacher"] = {"model": str(vit), "train": {"epochs": 1, "batch_size": 32, "warmup": 0}}
+    data["student"] = {"model": str(vit), "config": {"hidden_size": 8, "intermediate_size": 16}}
+    data["train"] = {"epochs": 1, "batch_size": 32, "warmup": 0, "examples": 32}
+    recipe = load_recipe(_write(tmp_path / "r.yaml", data))
+    pipeline.generate(recipe)
+    assert pipeline.train(recipe)["student"]["steps"] == 1  # train.examples: 32 images, one batch
+    report = pipeline.evaluate(recipe)
+    assert report["models"]["student"]["params"] < report["models"]["teacher"]["params"]
+    assert (tmp_path / "out/student/config.json").exists()  # a plain Hugging Face folder
+    held_out = load_split(recipe, "eval")
+    logits, _ = predict(load_model(tmp_path / "out/student"), held_out, 16)
+    assert float((logits.argmax(-1) == held_out.y).float().mean()) == pytest.approx(report["models"]["student"]["accuracy"])
+
+    data["student"]["config"] = {"hidden_sise": 8}
+    recipe = load_recipe(_write(tmp_path / "r.yaml", data))
+    with pytest.raises(DistilError) as e:
+        pipeline.train(recipe)
+    assert e.value.field == "student.config.hidden_sise"
+
+
+def test_classification_data_errors(tmp_path):
+    from distil import pipeline
+
+    np.savez(tmp_path / "train.npz", x=np.zeros((4, 1, 8, 8), np.float32))  # no y
+    recipe = load_recipe(_write(tmp_path / "r.yaml", _cls_dict(tmp_path)))
+    with pytest.raises(DistilError, match="x and y"):
+        pipeline.generate(recipe)
+    recipe = load_recipe(_write(tmp_path / "r.yaml", {**_cls_dict(tmp_path), "data": {"train": "nope.npz", "eval": "x"}}))
+    with pytest.raises(DistilError) as e:
+        pipeline.generate(recipe)
+    assert e.value.field == "data.train"
+    recipe = load_recipe(_write(tmp_path / "r.yaml", _cls_dict(tmp_path)), ["student.model=factory:resnet"])
+    x, y = _images(8, 0)
+    np.savez(tmp_path / "train.npz", x=x, y=y)
+    np.savez(tmp_path / "eval.npz", x=x, y=y)
+    pipeline.generate(recipe)
+    with pytest.raises(DistilError, match="unknown factory"):
+        pipeline.train(recipe)
+
+
+# ----------------------------------------------------------------------------- embedding
+
+@pytest.fixture(scope="module")
+def tiny_sentence_transformer(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT with a word-level vocabulary, mean pooling and normalisation."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny_st")
+    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "?", "."] + WORDS) + "\n")
+    tokenizer = BertTokenizerFast(vocab=str(root / "vocab.txt"))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)
+    enc = root / "encoder"
+    BertModel(cfg).save_pretrained(enc)
+    tokenizer.save_pretrained(enc)
+    model = SentenceTransformer(modules=[Transformer(str(enc), max_seq_length=32), Pooling(32, "mean"), Normalize()],
+                                device="cpu")
+    model.save(str(root / "st"))
+    return root / "st"
+
+
+def _sentences(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, rng.integers(3, 8))) for _ in range(n)]
+
+
+def test_embedding_end_to_end_save_and_reload(tmp_path, tiny_sentence_transformer):
+    from sentence_transformers import SentenceTransformer
+
+    from distil import pipeline
+
+    train = [{"text": s} for s in _sentences(120, 0)]
+    queries, docs = _sentences(30, 1), _sentences(30, 2)
+    held = [{"q": q, "d": d, "label": ["x", "y", "z"][i % 3]} for i, (q, d) in enumerate(zip(queries, docs))]
+    for name, rows in (("train.jsonl", train), ("eval.jsonl", held)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = load_recipe(_write(tmp_path / "e.yaml", {
+        "task": "embedding", "teacher": {"model": str(tiny_sentence_transformer)},
+        "student": {"layers": [1], "hidden_size": 16, "intermediate_size": 32},
+        "data": {"train": "train.jsonl", "eval": "eval.jsonl", "query_field": "q", "document_field": "d",
+                 "label_field": "label", "text_fields": ["text"]},
+        "train": {"epochs": 2, "batch_size": 16, "warmup": 0}, "eval": {"speed_sentences": 32, "recall_at": [1, 5]},
+        "out": str(tmp_path / "out"), "cache": str(tmp_path / "cache")}))
+    assert pipeline.generate(recipe)["generated"] > 0
+    log = pipeline.train(recipe)["student"]
+    assert log["steps"] == 16 and np.isfinite(log["final_loss"])
+    report = pipeline.evaluate(recipe)
+    s, t = report["models"]["student"], report["models"]["teacher"]
+    assert s["params"] < t["params"]
+    for key in ("recall@1", "recall@5", "mrr", "knn_accuracy", "sentences_per_s"):
+        assert key in s and key in t
+    assert -1 <= s["spearman_teacher"] <= 1 and report["pairs"] == 60
+    assert t["recall@1"] <= t["recall@5"] <= 1
+
+    # the saved student is a plain sentence-transformers folder, in the teacher's 32-d space
+    loaded = SentenceTransformer(str(tmp_path / "out/student"), device="cpu")
+    a = loaded.encode(queries[:4], convert_to_tensor=True)
+    b = SentenceTransformer(str(tmp_path / "out/student"), device="cpu").encode(queries[:4], convert_to_tensor=True)
+    assert a.shape == (4, 32) and torch.allclose(a, b, atol=1e-6)
+
+
+def test_embedding_student_keeps_teacher_layers_when_width_is_kept(tiny_sentence_transformer):
+    from sentence_transformers import SentenceTransformer
+
+    from distil.tasks.config import EmbeddingStudent
+    from distil.tasks.embedding import build_student
+
+    teacher = SentenceTransformer(str(tiny_sentence_transformer), device="cpu")
+    student = build_student(teacher, EmbeddingStudent(layers=[1]))
+    t_state, s_state = teacher[0].auto_model.state_dict(), student[0].auto_model.state_dict()
+    assert torch.equal(s_state["encoder.layer.0.attention.self.query.weight"], t_state["encoder.layer.1.attention.self.query.weight"])
+    assert torch.equal(s_state["embeddings.word_embeddings.weight"], t_state["embeddings.word_embeddings.weight"])
+    with pytest.raises(DistilError) as e:
+        build_student(teacher, EmbeddingStudent(layers=[5]))
+    assert e.value.field == "student.layers"
