@@ -35,6 +35,8 @@ def generation_settings(recipe: Recipe) -> dict:
     g = recipe.generate
     settings = {"max_new_tokens": g.max_new_tokens, "do_sample": g.do_sample, "top_k": g.top_k,
                 "max_prompt_tokens": recipe.data.max_prompt_tokens}
+    if recipe.teacher.type == "openai":
+        settings.update(top_k=recipe.teacher.top_logprobs, endpoint=recipe.teacher.endpoint)
     if g.do_sample:
         settings.update(temperature=g.temperature, top_p=g.top_p, seed=g.seed)
     return settings
@@ -45,8 +47,12 @@ class TeacherPrompts:
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
-        self.source = models.resolve(recipe.teacher.model, recipe.teacher.gguf_file)
-        self.tokenizer = models.load_tokenizer(self.source.directory, recipe.teacher.trust_remote_code)
+        t = recipe.teacher
+        if t.type == "openai":
+            self.source = _remote_source(recipe)
+        else:
+            self.source = models.resolve(t.model, t.gguf_file)
+        self.tokenizer = models.load_tokenizer(self.source.directory, t.trust_remote_code)
         self.settings = generation_settings(recipe)
 
     def prompts(self, examples: list[Example]) -> list[str]:
@@ -57,6 +63,18 @@ class TeacherPrompts:
 
     def load_model(self):
         return models.load_causal_lm(self.source.directory, self.recipe.teacher.dtype, self.recipe.teacher.trust_remote_code)
+
+
+def _remote_source(recipe: Recipe) -> models.ResolvedModel:
+    """An endpoint teacher stands on a local model for its tokenizer (and weights, for student.from_teacher)."""
+    t = recipe.teacher
+    local = t.local_model or recipe.student.model
+    if local is None:
+        raise DistilError("a type: openai teacher needs teacher.local_model (a local model with the served model's "
+                          "tokenizer) unless the student is given as student.model", field="teacher.local_model")
+    base = models.resolve(local)
+    identity = hashlib.sha256(f"openai:{t.model}:{base.identity}".encode()).hexdigest()
+    return models.ResolvedModel(base.directory, identity, t.model)
 
 
 def _cached_rows(recipe: Recipe, keys: list[str], split: str) -> list[dict]:
@@ -87,6 +105,11 @@ def generate(recipe: Recipe) -> dict:
                "seconds": 0.0, "cache": str(cache.root)}
     if not todo:
         return summary
+    if recipe.teacher.type == "openai":
+        from distil.teachers.openai import generate_remote
+
+        messages = dict(zip(keys, (ex.messages for ex in train_ex + eval_ex)))
+        return generate_remote(recipe, view, [(k, p, messages[k]) for k, p in todo.items()], cache, summary)
     teacher = LocalTeacher(view.load_model(), view.tokenizer, view.source.identity, view.source.name)
     todo_keys, todo_prompts = list(todo), list(todo.values())
     t0 = time.time()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 import os
 import tempfile
@@ -390,6 +391,11 @@ def _run_section(report: Mapping[str, Any]) -> str:
             if key not in ("rows", "bytes", "path"):
                 rows.append([_e(key), _e(val)])
         parts.append("<h3>Teacher cache</h3>" + _table(None, rows, text_cols=[1]))
+    usage = report.get("teacher_usage")
+    if isinstance(usage, Mapping) and usage:
+        rows = [[_e(key), _e(json.dumps(val) if isinstance(val, Mapping) else _fmt_value(val))]
+                for key, val in usage.items()]
+        parts.append("<h3>Teacher endpoint usage</h3>" + _table(None, rows, text_cols=[1]))
     timings = report.get("timings_s")
     if isinstance(timings, Mapping) and timings:
         rows = [[_e(stage), _e(_fmt_seconds(sec))] for stage, sec in timings.items()]

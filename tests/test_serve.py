@@ -1,0 +1,140 @@
+"""`distil serve` over real loopback HTTP, driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import httpx
+import openai
+import pytest
+
+from endpoints import ServeProcess
+
+KEY = "test-key"
+MODEL = "tiny-llama"
+CHAT = [{"role": "user", "content": "what is the best way to learn a new language ?"}]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    proc = ServeProcess(tiny_model_dir, "--api-key", KEY)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_models_lists_the_served_model(client):
+    assert [m.id for m in client.models.list()] == [MODEL]
+
+
+def test_chat_with_logprobs(client):
+    r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    choice = r.choices[0]
+    assert choice.finish_reason in ("stop", "length")
+    assert isinstance(choice.message.content, str) and choice.message.role == "assistant"
+    content = choice.logprobs.content
+    assert len(content) == r.usage.completion_tokens >= 1
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
+        assert entry.token == entry.top_logprobs[0].token  # greedy picks the most likely token
+        assert bytes(entry.bytes).decode() == entry.token
+    assert " ".join(e.token for e in content) == choice.message.content
+    if choice.finish_reason == "length":
+        assert r.usage.completion_tokens == 6
+
+
+def test_completions_with_logprobs(client):
+    r = client.completions.create(model=MODEL, prompt="hello cat dog", max_tokens=4, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+    assert r.usage.prompt_tokens == 3
+
+
+def test_streaming_equals_the_whole_answer(client):
+    whole = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+    plain = client.completions.create(model=MODEL, prompt="tell me about stars", max_tokens=5, temperature=0)
+    streamed = client.completions.create(model=MODEL, prompt="tell me about stars", max_tokens=5, temperature=0,
+                                         stream=True, logprobs=1)
+    pieces = list(streamed)
+    assert "".join(p.choices[0].text for p in pieces) == plain.choices[0].text
+    assert sum(len(p.choices[0].logprobs.tokens) for p in pieces if p.choices[0].logprobs) == plain.usage.completion_tokens
+
+
+def test_seed_makes_sampling_repeatable_and_stop_cuts(client):
+    ask = dict(model=MODEL, messages=CHAT, max_tokens=10, temperature=1.0, top_p=0.9)
+    a = client.chat.completions.create(seed=7, **ask).choices[0].message.content
+    b = client.chat.completions.create(seed=7, **ask).choices[0].message.content
+    assert a == b
+    full = client.completions.create(model=MODEL, prompt="hello cat dog", max_tokens=6, temperature=0).choices[0].text
+    words = full.split()
+    assert len(words) >= 3
+    cut = client.completions.create(model=MODEL, prompt="hello cat dog", max_tokens=6, temperature=0, stop=[words[2]])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == full[: full.find(words[2])]
+
+
+def test_wrong_or_missing_key_is_401(server):
+    bad = openai.OpenAI(base_url=server.url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2)
+    assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+    r = httpx.get(f"{server.url}/models")
+    assert r.status_code == 401 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_limits_answer_4xx_in_openai_shape(client, server):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=100_000)
+    assert e.value.body["param"] == "max_tokens"
+    long_prompt = " ".join(["cat"] * 400)  # the tiny model takes 256 positions
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=2)
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=CHAT, max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[], max_tokens=2)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    huge = b'{"model": "tiny-llama", "prompt": "' + b"a" * (2 << 20) + b'"}'
+    r = httpx.post(f"{server.url}/completions", content=huge, headers=headers, timeout=60)
+    assert r.status_code == 413 and "error" in r.json()
+    r = httpx.post(f"{server.url}/completions", content=b'{"model": "tiny', headers=headers)
+    assert r.status_code == 400 and "error" in r.json()
+
+
+def test_concurrent_requests_are_batched_and_match_solo_answers(client):
+    prompts = [f"count {w} numbers please" for w in ("one", "two", "three", "four", "five", "cat", "dog", "fish")]
+    solo = {p: client.completions.create(model=MODEL, prompt=p, max_tokens=5, temperature=0).choices[0].text
+            for p in prompts[:3]}
+
+    def ask(i):
+        p = prompts[i % len(prompts)]
+        if i % 4 == 3:  # a sampled request, and a streamed one, among the greedy ones
+            return None, client.completions.create(model=MODEL, prompt=p, max_tokens=5, temperature=0.8).choices[0].text
+        if i % 4 == 2:
+            return p, "".join(c.choices[0].text for c in client.completions.create(
+                model=MODEL, prompt=p, max_tokens=5, temperature=0, stream=True))
+        return p, client.completions.create(model=MODEL, prompt=p, max_tokens=5, temperature=0).choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(ask, range(32)))
+    assert len(results) == 32
+    for p, text in results:
+        if p in solo:
+            assert text == solo[p]
+    # and the server is still fine afterwards
+    assert client.models.list().data[0].id == MODEL
