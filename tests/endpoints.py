@@ -19,6 +19,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -89,22 +92,19 @@ def expected_answer(messages: list[dict], words: list[str]) -> list[str]:
 FAULTS = ("429", "500", "hang", "truncated", "reset")
 
 
-def faulty_endpoint(words: list[str], *, fault_every: int = 10, hang_s: float = 3.0, logprobs: bool = True,
+def faulty_endpoint(words: list[str], *, fault_every: int | None = 10, hang_s: float = 3.0, logprobs: bool = True,
                     die_after: int | None = None):
     """A FastAPI app for POST /v1/chat/completions that fails `len(FAULTS)` of every `fault_every` requests.
 
     Args:
         words: vocabulary words the answers are made of (one token each in the student tokenizer).
-        fault_every: request i fails with FAULTS[i % fault_every] when i % fault_every < len(FAULTS).
+        fault_every: request i fails with FAULTS[i % fault_every] when i % fault_every < len(FAULTS); None: never.
         hang_s: how long a "hang" waits before answering (longer than the client's timeout).
         logprobs: include top log-probs in answers.
         die_after: after this many good answers, answer 401 to everything (a permanent failure).
     Returns:
         The app; `app.state.stats` counts requests, faults by kind and good answers per prompt.
     """
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
-
     app = FastAPI()
     stats = {"requests": 0, "faults": Counter(), "answered": Counter()}
     app.state.stats = stats
@@ -119,12 +119,14 @@ def faulty_endpoint(words: list[str], *, fault_every: int = 10, hang_s: float = 
         if die_after is not None and sum(stats["answered"].values()) >= die_after:
             return JSONResponse({"error": {"message": "invalid api key", "type": "invalid_request_error",
                                            "param": None, "code": "invalid_api_key"}}, status_code=401)
-        kind = FAULTS[i % fault_every] if i % fault_every < len(FAULTS) else None
+        kind = FAULTS[i % fault_every] if fault_every and i % fault_every < len(FAULTS) else None
         answer = expected_answer(body["messages"], words)
-        content = [{"token": w, "logprob": -0.25, "bytes": list(w.encode()),
-                    "top_logprobs": [{"token": w, "logprob": -0.25, "bytes": list(w.encode())},
-                                     {"token": words[0], "logprob": -2.0, "bytes": list(words[0].encode())}]}
-                   for w in answer]
+        content = []
+        for w in answer:
+            other = words[1] if w == words[0] else words[0]
+            content.append({"token": w, "logprob": -0.25, "bytes": list(w.encode()),
+                            "top_logprobs": [{"token": w, "logprob": -0.25, "bytes": list(w.encode())},
+                                             {"token": other, "logprob": -2.0, "bytes": list(other.encode())}]})
         payload = json.dumps({
             "id": f"x{i}", "object": "chat.completion", "created": 0, "model": body["model"],
             "choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(answer)},

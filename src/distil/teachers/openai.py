@@ -126,7 +126,7 @@ def parse_reply(data, endpoint: str) -> Reply:
         text = choice["message"]["content"] or ""
         content = (choice.get("logprobs") or {}).get("content")
         tokens = None
-        if content:
+        if isinstance(content, list):  # [] for an empty answer: log-probs present, no tokens
             tokens = [({"token": e["token"], "bytes": e.get("bytes"), "logprob": float(e["logprob"])},
                        [{"token": t["token"], "bytes": t.get("bytes"), "logprob": float(t["logprob"])}
                         for t in e.get("top_logprobs") or []]) for e in content]
@@ -134,7 +134,7 @@ def parse_reply(data, endpoint: str) -> Reply:
         text = choice["text"] or ""
         lp = choice.get("logprobs") or {}
         tokens = None
-        if lp.get("tokens"):
+        if isinstance(lp.get("tokens"), list):
             tops = lp.get("top_logprobs") or [None] * len(lp["tokens"])
             tokens = [({"token": t, "logprob": float(v)}, [{"token": a, "logprob": float(b)} for a, b in (top or {}).items()])
                       for t, v, top in zip(lp["tokens"], lp["token_logprobs"], tops)]
@@ -172,7 +172,7 @@ class RowBuilder:
     def build(self, reply: Reply) -> tuple[dict, bool]:
         """(row fields, has soft targets)."""
         text = reply.text.strip()
-        chosen = [self.tmap.lookup(c) for c, _ in reply.tokens] if reply.tokens else None
+        chosen = [self.tmap.lookup(c) for c, _ in reply.tokens] if reply.tokens is not None else None
         soft = chosen is not None and all(c is not None for c in chosen)
         token_ids, token_lps, topk_ids, topk_lps, tails = [], [], [], [], []
         if soft:
