@@ -45,6 +45,7 @@ class Limits:
     max_stop: int = 4
     max_queue: int = 256             # requests waiting beyond this get 503
     max_batch: int = 32
+    batch_wait_s: float = 0.02       # how long the worker waits for more requests to batch with the first
 
 
 class APIError(Exception):
@@ -172,9 +173,11 @@ class Engine:
         while True:
             first = self.jobs.get()
             batch = [first]
+            # Requests sent together arrive a few milliseconds apart: wait that long so they share a batch.
+            deadline = time.monotonic() + self.limits.batch_wait_s
             while len(batch) < self.limits.max_batch:
                 try:
-                    batch.append(self.jobs.get_nowait())
+                    batch.append(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
             groups: dict[Any, list[Job]] = {}
