@@ -94,6 +94,15 @@ class DataConfig(_Section):
     max_train: int | None = Field(None, gt=0, description="use at most this many training rows")
     max_eval: int | None = Field(None, gt=0, description="use at most this many held-out rows")
     max_prompt_tokens: int = Field(256, gt=0)
+    # Data quality (src/distil/quality.py); all off by default.
+    dedupe: Literal["none", "exact", "near"] = Field(
+        "none", description="drop repeated prompts: exact (ignoring case, spaces, punctuation) or also near ones")
+    near_duplicate_threshold: float = Field(0.8, gt=0, le=1, description="character 5-gram Jaccard that counts as near")
+    max_per_category: int | None = Field(None, gt=0, description="keep at most this many training prompts per category")
+    balance_categories: bool = Field(False, description="cut every category to the smallest one's size")
+    reject: list[Literal["empty", "truncated", "reference_mismatch"]] = Field(
+        default_factory=list, description="teacher answers left out of training")
+    min_reference_f1: float = Field(0.1, ge=0, le=1, description="reference_mismatch: token F1 against `reference` below this")
 
 
 class GenerateConfig(_Section):
