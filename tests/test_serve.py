@@ -138,3 +138,36 @@ def test_concurrent_requests_are_batched_and_match_solo_answers(client):
             assert text == solo[p]
     # and the server is still fine afterwards
     assert client.models.list().data[0].id == MODEL
+
+
+def test_odd_values_are_4xx_not_5xx(client, server):
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, seed=2 ** 70)
+    r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, temperature=1e-9, seed=-5)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "tool", "content": "x"}], max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, n=3)
+    r = httpx.get(f"{server.url}/nothing-here", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_full_queue_answers_503(tiny_model_dir):
+    import asyncio
+
+    from distil.serve import APIError, Job, Limits, load_engine
+
+    engine = load_engine(str(tiny_model_dir), limits=Limits(max_queue=1, max_batch=1))
+    loop = asyncio.new_event_loop()
+    ids = engine.encode("hello cat dog")
+    refused = []
+    for _ in range(3):
+        job = Job(prompt_ids=ids, max_tokens=200, temperature=0, top_p=1, seed=None, stops=[], top_logprobs=0,
+                  loop=loop, events=asyncio.Queue())
+        try:
+            engine.submit(job)
+        except APIError as e:
+            refused.append((e.status, e.headers))
+    loop.close()
+    assert refused and refused[0] == (503, {"Retry-After": "1"})

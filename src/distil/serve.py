@@ -35,6 +35,9 @@ from distil.teachers.local import generate_batch, stop_token_ids
 from distil.tokens import token_bytes
 
 
+MIN_TEMPERATURE = 1e-4  # below this, sampling is greedy (dividing logits by ~0 would overflow)
+
+
 @dataclass
 class Limits:
     """What one request may ask for; past these it gets a 4xx."""
@@ -78,7 +81,7 @@ class _Body(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2 ** 63), lt=2 ** 63)
     stream: bool = False
     stream_options: dict | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
@@ -129,7 +132,7 @@ class Job:
     finish_reason: str = "length"
 
     def batch_key(self):
-        if self.temperature == 0:
+        if self.temperature < MIN_TEMPERATURE:
             return ("greedy",)
         if self.seed is not None:
             return ("seeded", id(self))
@@ -231,8 +234,8 @@ class Engine:
 
     def _run(self, group: list[Job]) -> None:
         first = group[0]
-        do_sample = first.temperature > 0
-        generator = torch.Generator().manual_seed(first.seed) if first.seed is not None else None
+        do_sample = first.temperature >= MIN_TEMPERATURE
+        generator = torch.Generator().manual_seed(first.seed % 2 ** 63) if first.seed is not None and do_sample else None
 
         def on_step(results):
             stop_rows = []
