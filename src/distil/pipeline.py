@@ -40,10 +40,14 @@ def load_data_with_stats(recipe: Recipe) -> tuple[list[Example], list[Example], 
     stats = {}
     kept_train, why = quality.dedupe(train, d.dedupe, d.near_duplicate_threshold)
     kept_train, capped = quality.balance(kept_train, d.max_per_category, d.balance_categories)
-    kept_train = kept_train[: d.max_train]
+    if d.max_train is not None and len(kept_train) > d.max_train:
+        why["beyond_max_train"] = len(kept_train) - d.max_train
+        kept_train = kept_train[: d.max_train]
     # A held-out prompt that repeats a training prompt would flatter the student.
     kept_eval, why_eval = quality.dedupe(held_out, d.dedupe, d.near_duplicate_threshold, against=kept_train)
-    kept_eval = kept_eval[: d.max_eval]
+    if d.max_eval is not None and len(kept_eval) > d.max_eval:
+        why_eval["beyond_max_eval"] = len(kept_eval) - d.max_eval
+        kept_eval = kept_eval[: d.max_eval]
     for split, before, after, reasons in (("train", train, kept_train, why + capped),
                                          ("held_out", held_out, kept_eval, why_eval)):
         stats[split] = {"rows_in": len(before), "kept": len(after), "rejected": dict(reasons),
