@@ -153,4 +153,17 @@ def faulty_endpoint(words: list[str], *, fault_every: int | None = 10, hang_s: f
             stats["answered"][body["messages"][-1]["content"]] += 1
         return Response(payload, media_type="application/json")
 
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        with lock:
+            stats["requests"] += 1
+        answer = expected_answer([{"content": body["prompt"]}], words)
+        lp = {"tokens": answer, "token_logprobs": [-0.5] * len(answer), "text_offset": [0] * len(answer),
+              "top_logprobs": [{w: -0.5, words[2] if w != words[2] else words[3]: -1.5} for w in answer]}
+        return {"id": "c", "object": "text_completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "text": " ".join(answer), "finish_reason": "length",
+                             "logprobs": lp if body.get("logprobs") else None}],
+                "usage": {"prompt_tokens": 7, "completion_tokens": len(answer), "total_tokens": 7 + len(answer)}}
+
     return app

@@ -186,3 +186,38 @@ def test_row_builder_maps_tokens_and_folds_unmapped_alternatives_into_the_tail(t
     # a chosen token the student tokenizer does not have: the row keeps its text only
     row, soft = b.build(Reply("cat dog", "stop", [({"token": "ca", "logprob": -1.0}, [])], None, None))
     assert not soft and row["token_ids"] == tok.convert_tokens_to_ids(["cat", "dog"]) + [tok.eos_token_id]
+
+
+def test_completions_endpoint_maps_token_texts(recipe_path, words):
+    app = faulty_endpoint(words, fault_every=None)
+    with ThreadServer(app) as server:
+        recipe = load_recipe(remote_recipe(recipe_path, server.url, model="fake", endpoint="completions", top_logprobs=2))
+        summary = pipeline.generate(recipe)
+    assert summary["teacher_usage"]["rows_soft_targets"] == 32
+    view = pipeline.TeacherPrompts(recipe)
+    for row in all_rows(recipe.cache_dir):
+        want = expected_answer([{"content": row["prompt"]}], words)
+        assert view.tokenizer.convert_ids_to_tokens(row["token_ids"]) == want  # finish "length": no end token added
+        assert row["finish_reason"] == "length"
+        assert row["topk_logprobs"][0] == pytest.approx([-0.5, -1.5])
+
+
+def test_rate_limit_and_retry_after():
+    import asyncio
+    import email.utils
+    import time
+
+    from distil.teachers.openai import _RateLimiter, _retry_after
+
+    async def five():
+        limiter = _RateLimiter(600)  # one every 0.1 s
+        t = time.monotonic()
+        for _ in range(5):
+            await limiter.wait()
+        return time.monotonic() - t
+
+    assert asyncio.run(five()) >= 0.39
+    assert _retry_after("0.25") == 0.25 and _retry_after(None) is None and _retry_after("soon") is None
+    later = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 <= _retry_after(later) <= 31
+    assert _retry_after("99999") == 300.0  # capped
