@@ -3,7 +3,7 @@
 The faulty endpoint answers chat completions with a fixed text per prompt (words of the tiny
 tokenizer's vocabulary, with top log-probs) and, on a fixed share of requests, fails the way
 real endpoints do: 429 with Retry-After, 500, a hang past the client's timeout, truncated JSON,
-a connection dropped mid-response.
+a connection dropped mid-response, an answer without the log-probs asked for.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def expected_answer(messages: list[dict], words: list[str]) -> list[str]:
     return [words[(seed + 7 * i) % len(words)] for i in range(3)]
 
 
-FAULTS = ("429", "500", "hang", "truncated", "reset")
+FAULTS = ("429", "500", "hang", "truncated", "reset", "no-logprobs")
 
 
 def faulty_endpoint(words: list[str], *, fault_every: int | None = 10, hang_s: float = 3.0, logprobs: bool = True,
@@ -130,7 +130,8 @@ def faulty_endpoint(words: list[str], *, fault_every: int | None = 10, hang_s: f
         payload = json.dumps({
             "id": f"x{i}", "object": "chat.completion", "created": 0, "model": body["model"],
             "choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(answer)},
-                         "logprobs": {"content": content} if logprobs and body.get("logprobs") else None,
+                         "logprobs": {"content": content} if logprobs and body.get("logprobs") and kind != "no-logprobs"
+                         else None,
                          "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 10, "completion_tokens": len(answer), "total_tokens": 10 + len(answer)}})
         if kind is not None:

@@ -87,10 +87,11 @@ def test_faulty_endpoint_every_row_exactly_once(recipe_path, words, monkeypatch)
         summary = pipeline.generate(recipe)
     stats = app.state.stats
     assert set(stats["faults"]) == set(FAULTS)
-    assert sum(stats["faults"].values()) >= 0.45 * 32  # half of all requests failed, every kind of failure
+    assert sum(stats["faults"].values()) >= 0.5 * 32  # 6 of every 10 requests failed, every kind of failure
     retries = summary["teacher_usage"]["retries"]
     assert any(r.startswith("HTTP 429") for r in retries) and "timeout" in retries and "unparseable body" in retries
-    assert any(r.startswith("connection") for r in retries)
+    assert any(r.startswith("connection") for r in retries) and "log-probs missing" in retries
+    assert summary["teacher_usage"]["rows_soft_targets"] == 32
     rows = all_rows(recipe.cache_dir)
     expected = pipeline.TeacherPrompts(recipe).keys(pipeline.load_data(recipe)[0] + pipeline.load_data(recipe)[1])
     assert sorted(r["key"] for r in rows) == sorted(expected)  # every row, none twice
@@ -126,12 +127,11 @@ def test_endpoint_down_is_one_clear_error(recipe_path):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
-    path = remote_recipe(recipe_path, f"http://127.0.0.1:{port}/v1", max_retries=1)
-    proc = run_cli("generate", path)
-    assert proc.returncode == 2
-    err = proc.stderr.strip().splitlines()
-    assert err[-1].startswith("error: field \"teacher.base_url\"") and "connection" in err[-1]
-    assert "Traceback" not in proc.stderr
+    recipe = load_recipe(remote_recipe(recipe_path, f"http://127.0.0.1:{port}/v1", max_retries=1))
+    with pytest.raises(DistilError) as e:
+        pipeline.generate(recipe)
+    assert e.value.field == "teacher.base_url" and "failed 2 times in a row (last: connection" in str(e.value)
+    assert "\n" not in str(e.value) and TeacherCache(recipe.cache_dir).keys() == set()
 
 
 def test_text_only_endpoint_falls_back_to_sequence_level_and_trains(recipe_path, words, capsys):

@@ -42,6 +42,7 @@ RETRY_AFTER_CAP_S = 300.0
 SHARD_ROWS = 64          # rows per cache shard while answers stream in
 SHARD_SECONDS = 30.0     # ... or whatever has arrived after this long
 MISSING_LOGPROBS_RETRIES = 2  # a reply without log-probs we asked for is retried this often, then kept as text
+TEXT_ONLY_AFTER = 3           # ... unless this many replies came without any and none with: a text-only endpoint
 
 
 class Permanent(Exception):
@@ -237,7 +238,8 @@ class OpenAITeacher:
                 raise DistilError(f"environment variable {config.api_key_env} (the API key) is not set",
                                   field="teacher.api_key_env")
             self.headers["Authorization"] = f"Bearer {key}"
-        self.logprobs_seen = False    # any reply had log-probs: missing ones are then a glitch worth a retry
+        self.logprobs_seen = False         # any reply had log-probs
+        self.replies_without_logprobs = 0
 
     def body(self, prompt: str, messages: list[dict]) -> dict:
         c, g = self.config, self.settings
@@ -277,10 +279,13 @@ class OpenAITeacher:
                     reply = parse_reply(resp.json(), c.endpoint)
                 except (ValueError, KeyError, TypeError, IndexError, AttributeError):
                     raise _Retry("unparseable body") from None
-                if c.top_logprobs and reply.tokens is None and self.logprobs_seen \
-                        and missing_logprobs < MISSING_LOGPROBS_RETRIES:
-                    missing_logprobs += 1
-                    raise _Retry("log-probs missing")
+                if c.top_logprobs and reply.tokens is None:
+                    # A glitch is worth a retry; an endpoint that never sends log-probs is text-only.
+                    self.replies_without_logprobs += 1
+                    maybe_glitch = self.logprobs_seen or self.replies_without_logprobs <= TEXT_ONLY_AFTER
+                    if maybe_glitch and missing_logprobs < MISSING_LOGPROBS_RETRIES:
+                        missing_logprobs += 1
+                        raise _Retry("log-probs missing")
                 self.logprobs_seen |= reply.tokens is not None
                 return reply
             except _Retry as r:
