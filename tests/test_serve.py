@@ -171,3 +171,15 @@ def test_full_queue_answers_503(tiny_model_dir):
             refused.append((e.status, e.headers))
     loop.close()
     assert refused and refused[0] == (503, {"Retry-After": "1"})
+
+
+def test_client_leaving_mid_stream_frees_the_server(client, server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": MODEL, "prompt": "hello cat dog", "max_tokens": 200, "temperature": 0, "stream": True}
+    for _ in range(3):
+        with httpx.stream("POST", f"{server.url}/completions", json=body, headers=headers, timeout=60) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # one event, then hang up
+    r = client.completions.create(model=MODEL, prompt="hello cat dog", max_tokens=3, temperature=0)
+    assert r.usage.completion_tokens >= 1
+    assert httpx.get(server.url.removesuffix("/v1") + "/health").json()["queued"] == 0
