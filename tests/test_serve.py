@@ -149,6 +149,9 @@ def test_odd_values_are_4xx_not_5xx(client, server):
         client.chat.completions.create(model=MODEL, messages=[{"role": "tool", "content": "x"}], max_tokens=2)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, n=3)
+    with pytest.raises(openai.BadRequestError) as e:  # fits alone, but not with the answer
+        client.completions.create(model=MODEL, prompt=" ".join(["cat"] * 200), max_tokens=100)
+    assert e.value.body["code"] == "context_length_exceeded"
     r = httpx.get(f"{server.url}/nothing-here", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 404 and "error" in r.json()
 

@@ -49,6 +49,7 @@ class Limits:
     max_queue: int = 256             # requests waiting beyond this get 503
     max_batch: int = 32
     batch_wait_s: float = 0.02       # how long the worker waits for more requests to batch with the first
+    context: int | None = None       # the model's positions: prompt + new tokens must fit
 
 
 class APIError(Exception):
@@ -374,10 +375,16 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             raise APIError(400, f"max_tokens is {max_tokens}; at most {limits.max_tokens} allowed", param="max_tokens")
         if top_logprobs > limits.max_top_logprobs:
             raise APIError(400, f"at most {limits.max_top_logprobs} top log-probs allowed", param="top_logprobs")
+        room = limits.context - len(prompt_ids) if limits.context else None
+        if room is not None and max_tokens is not None and max_tokens > room:
+            raise APIError(400, f"the prompt's {len(prompt_ids)} tokens plus max_tokens {max_tokens} exceed the "
+                                f"model's {limits.context} positions", param="max_tokens", code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = min(limits.max_tokens, 256, room or 256)
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > limits.max_stop or any(not s for s in stops):
             raise APIError(400, f"stop: at most {limits.max_stop} non-empty strings", param="stop")
-        return Job(prompt_ids=prompt_ids, max_tokens=max_tokens or min(limits.max_tokens, 256),
+        return Job(prompt_ids=prompt_ids, max_tokens=max_tokens,
                    temperature=body.temperature, top_p=body.top_p, seed=body.seed, stops=stops,
                    top_logprobs=top_logprobs, loop=asyncio.get_running_loop(), events=asyncio.Queue())
 
@@ -521,8 +528,9 @@ def load_engine(model: str, *, gguf_file: str | None = None, dtype: str = "float
     limits = limits or Limits()
     context = getattr(lm.config, "max_position_embeddings", None)
     if context:
+        limits.context = context
         limits.max_prompt_tokens = min(limits.max_prompt_tokens, max(1, context - 1))
-        limits.max_tokens = min(limits.max_tokens, context)
+        limits.max_tokens = min(limits.max_tokens, context - 1)
     return Engine(lm, tokenizer, name or source.name, limits)
 
 
