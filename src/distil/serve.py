@@ -555,5 +555,6 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     print(f"distil serve: model '{engine.name}' at http://{shown}:{bound}/v1", flush=True)
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
+    # A long keep-alive: a client's pooled connection closed under it while idle costs it a retry.
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2, timeout_keep_alive=75)
     uvicorn.Server(config).run(sockets=[sock])
