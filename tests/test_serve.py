@@ -114,6 +114,10 @@ def test_limits_answer_4xx_in_openai_shape(client, server):
     assert r.status_code == 413 and "error" in r.json()
     r = httpx.post(f"{server.url}/completions", content=b'{"model": "tiny', headers=headers)
     assert r.status_code == 400 and "error" in r.json()
+    # curl -d sends a form Content-Type: the JSON body is still read
+    r = httpx.post(f"{server.url}/completions", content=b'{"model": "tiny-llama", "prompt": "hi", "max_tokens": 1}',
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 1
 
 
 def test_concurrent_requests_are_batched_and_match_solo_answers(client):

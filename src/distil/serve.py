@@ -283,7 +283,10 @@ def _message_text(content) -> str:
 
 
 class _BodyLimit:
-    """ASGI middleware: read the whole body first and answer 413 past `limit` bytes (chunked bodies too)."""
+    """ASGI middleware: read the whole body first and answer 413 past `limit` bytes (chunked bodies too).
+
+    Reading it all first also means a slow or oversized upload never reaches the model worker.
+    """
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -305,6 +308,9 @@ class _BodyLimit:
             if len(body) > self.limit:
                 return await too_big(scope, receive, send)
         sent = False
+        # Every body we take is JSON: accept it whatever Content-Type says (`curl -d` sends a form type).
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + [(b"content-type", b"application/json")]
+        scope = {**scope, "headers": headers}
 
         async def replay():
             nonlocal sent
