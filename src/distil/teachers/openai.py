@@ -297,6 +297,16 @@ class OpenAITeacher:
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
+    def _add(self, buffer: list[dict], key: str, prompt: str, prompt_ids: list[int], reply: Reply) -> None:
+        fields, soft = self.builder.build(reply)
+        if soft:
+            self.usage.rows_soft += 1
+        else:
+            self.usage.rows_text += 1
+        self.usage.prompt_tokens += reply.prompt_tokens or 0
+        self.usage.completion_tokens += reply.completion_tokens or 0
+        buffer.append({"key": key, "teacher": self.name, "prompt": prompt, "prompt_ids": prompt_ids, **fields})
+
     def run(self, items: list[tuple[str, str, list[dict], list[int]]], cache: TeacherCache) -> Usage:
         """Answer every (key, formatted prompt, chat messages, prompt ids) and write the rows to `cache`."""
         return asyncio.run(self._run(items, cache))
@@ -325,36 +335,42 @@ class OpenAITeacher:
         limits = httpx.Limits(max_connections=c.max_concurrency, max_keepalive_connections=c.max_concurrency)
         base = c.base_url.rstrip("/") + "/"
         async with httpx.AsyncClient(base_url=base, headers=self.headers, timeout=timeout, limits=limits) as client:
-            tasks = [asyncio.create_task(one(item)) for item in items]
+            # A bounded window of tasks (the semaphore bounds what is in flight), so a million
+            # prompts do not become a million coroutines at once.
+            todo, pending = iter(items), set()
+            window = 2 * c.max_concurrency + 8
+
+            def refill():
+                for item in todo:
+                    pending.add(asyncio.create_task(one(item)))
+                    if len(pending) >= window:
+                        break
+
             t0 = time.time()
             try:
                 with progress_bar() as bar:
                     task = bar.add_task("generate (remote)", total=len(items), status="")
-                    for fut in asyncio.as_completed(tasks):
-                        try:
-                            key, prompt, prompt_ids, reply = await fut
-                        except Permanent as e:
-                            raise DistilError(f"teacher endpoint failed for good: {e}; the rows already answered "
-                                              "are cached, rerun to continue", field="teacher.base_url") from None
-                        fields, soft = self.builder.build(reply)
-                        if soft:
-                            self.usage.rows_soft += 1
-                        else:
-                            self.usage.rows_text += 1
-                        self.usage.prompt_tokens += reply.prompt_tokens or 0
-                        self.usage.completion_tokens += reply.completion_tokens or 0
-                        buffer.append({"key": key, "teacher": self.name, "prompt": prompt, "prompt_ids": prompt_ids,
-                                       **fields})
-                        if len(buffer) >= SHARD_ROWS or time.monotonic() - last_flush > SHARD_SECONDS:
-                            flush()
-                        done = self.usage.rows_soft + self.usage.rows_text
-                        rate = self.usage.completion_tokens / max(time.time() - t0, 1e-9)
-                        bar.update(task, advance=1, status=f"{rate:.0f} tok/s, {sum(self.usage.retries.values())} retries"
-                                   if done else "")
+                    refill()
+                    while pending:
+                        finished, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                        for fut in finished:
+                            pending.discard(fut)
+                            try:
+                                key, prompt, prompt_ids, reply = fut.result()
+                            except Permanent as e:
+                                raise DistilError(f"teacher endpoint failed for good: {e}; the rows already answered "
+                                                  "are cached, rerun to continue", field="teacher.base_url") from None
+                            self._add(buffer, key, prompt, prompt_ids, reply)
+                            if len(buffer) >= SHARD_ROWS or time.monotonic() - last_flush > SHARD_SECONDS:
+                                flush()
+                            rate = self.usage.completion_tokens / max(time.time() - t0, 1e-9)
+                            bar.update(task, advance=1,
+                                       status=f"{rate:.0f} tok/s, {sum(self.usage.retries.values())} retries")
+                        refill()
             finally:
-                for t in tasks:
+                for t in pending:
                     t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await asyncio.gather(*pending, return_exceptions=True)
                 flush()
         return self.usage
 
