@@ -120,7 +120,7 @@ def test_limits_answer_4xx_in_openai_shape(client, server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 1
 
 
-def test_concurrent_requests_are_batched_and_match_solo_answers(client):
+def test_concurrent_requests_are_batched_and_match_solo_answers(client, server):
     prompts = [f"count {w} numbers please" for w in ("one", "two", "three", "four", "five", "cat", "dog", "fish")]
     solo = {p: client.completions.create(model=MODEL, prompt=p, max_tokens=5, temperature=0).choices[0].text
             for p in prompts[:3]}
@@ -134,9 +134,14 @@ def test_concurrent_requests_are_batched_and_match_solo_answers(client):
                 model=MODEL, prompt=p, max_tokens=5, temperature=0, stream=True))
         return p, client.completions.create(model=MODEL, prompt=p, max_tokens=5, temperature=0).choices[0].text
 
+    health = server.url.removesuffix("/v1") + "/health"
+    before = httpx.get(health).json()
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         results = list(pool.map(ask, range(32)))
     assert len(results) == 32
+    after = httpx.get(health).json()
+    assert after["requests"] - before["requests"] == 32
+    assert after["batches"] - before["batches"] < 32 and after["largest_batch"] > 1  # requests shared batches
     for p, text in results:
         if p in solo:
             assert text == solo[p]

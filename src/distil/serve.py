@@ -155,6 +155,7 @@ class Engine:
         self.token_bytes = token_bytes(tokenizer)
         self.vocab = model.get_output_embeddings().weight.shape[0]
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=limits.max_queue)
+        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0}  # shown by /health
         self.thread = threading.Thread(target=self._loop, name="distil-serve-worker", daemon=True)
         self.thread.start()
 
@@ -235,6 +236,9 @@ class Engine:
 
     def _run(self, group: list[Job]) -> None:
         first = group[0]
+        self.stats["requests"] += len(group)
+        self.stats["batches"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(group))
         do_sample = first.temperature >= MIN_TEMPERATURE
         generator = torch.Generator().manual_seed(first.seed % 2 ** 63) if first.seed is not None and do_sample else None
 
@@ -361,7 +365,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "queued": engine.jobs.qsize()}
+        return {"status": "ok", "queued": engine.jobs.qsize(), **engine.stats}
 
     @app.get("/v1/models")
     async def list_models():
