@@ -164,7 +164,6 @@ def faulty_endpoint(words: list[str], *, fault_every: int | None = 10, hang_s: f
               "top_logprobs": [{w: -0.5, words[2] if w != words[2] else words[3]: -1.5} for w in answer]}
         return {"id": "c", "object": "text_completion", "created": 0, "model": body["model"],
                 "choices": [{"index": 0, "text": " ".join(answer), "finish_reason": "length",
-                             "logprobs": lp if body.get("logprobs") else None}],
-                "usage": {"prompt_tokens": 7, "completion_tokens": len(answer), "total_tokens": 7 + len(answer)}}
+                             "logprobs": lp if body.get("logprobs") else None}]}  # and no usage
 
     return app

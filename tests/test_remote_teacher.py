@@ -193,8 +193,11 @@ def test_completions_endpoint_maps_token_texts(recipe_path, words):
     with ThreadServer(app) as server:
         recipe = load_recipe(remote_recipe(recipe_path, server.url, model="fake", endpoint="completions", top_logprobs=2))
         summary = pipeline.generate(recipe)
-    assert summary["teacher_usage"]["rows_soft_targets"] == 32
+    usage = summary["teacher_usage"]
+    assert usage["rows_soft_targets"] == 32
+    assert usage["rows_tokens_counted_locally"] == 32 and usage["completion_tokens"] == 32 * 3  # no usage in replies
     view = pipeline.TeacherPrompts(recipe)
+    assert usage["prompt_tokens"] == sum(len(r["prompt_ids"]) for r in all_rows(recipe.cache_dir))
     for row in all_rows(recipe.cache_dir):
         want = expected_answer([{"content": row["prompt"]}], words)
         assert view.tokenizer.convert_ids_to_tokens(row["token_ids"]) == want  # finish "length": no end token added

@@ -64,6 +64,7 @@ class Usage:
     completion_tokens: int = 0
     rows_soft: int = 0       # rows with top-k soft targets
     rows_text: int = 0       # rows with text only (sequence-level distillation)
+    rows_counted_locally: int = 0  # rows whose reply had no usage: tokens counted with the local tokenizer
 
     def cost(self, price_in: float, price_out: float) -> float:
         return self.prompt_tokens * price_in / 1e6 + self.completion_tokens * price_out / 1e6
@@ -303,8 +304,12 @@ class OpenAITeacher:
             self.usage.rows_soft += 1
         else:
             self.usage.rows_text += 1
-        self.usage.prompt_tokens += reply.prompt_tokens or 0
-        self.usage.completion_tokens += reply.completion_tokens or 0
+        if reply.prompt_tokens is None or reply.completion_tokens is None:
+            # The endpoint did not say: count with the local tokenizer, and say how many rows were counted so.
+            self.usage.rows_counted_locally += 1
+        self.usage.prompt_tokens += reply.prompt_tokens if reply.prompt_tokens is not None else len(prompt_ids)
+        self.usage.completion_tokens += (reply.completion_tokens if reply.completion_tokens is not None
+                                         else len(fields["token_ids"]) - (fields["finish_reason"] == "stop"))
         buffer.append({"key": key, "teacher": self.name, "prompt": prompt, "prompt_ids": prompt_ids, **fields})
 
     def run(self, items: list[tuple[str, str, list[dict], list[int]]], cache: TeacherCache) -> Usage:
@@ -415,7 +420,8 @@ def generate_remote(recipe, view, items: list[tuple[str, str, tuple]], cache: Te
                "retries": dict(usage.retries), "prompt_tokens": usage.prompt_tokens,
                "completion_tokens": usage.completion_tokens, "estimated_cost": round(cost, 6),
                "price_input_per_mtok": c.price_input_per_mtok, "price_output_per_mtok": c.price_output_per_mtok,
-               "rows_soft_targets": usage.rows_soft, "rows_text_only": usage.rows_text, "seconds": round(seconds, 2)}
+               "rows_soft_targets": usage.rows_soft, "rows_text_only": usage.rows_text,
+               "rows_tokens_counted_locally": usage.rows_counted_locally, "seconds": round(seconds, 2)}
         _add_usage(recipe.out_dir / "teacher_usage.json", now)
     generated = usage.rows_soft + usage.rows_text
     summary.update(generated=generated, tokens=usage.completion_tokens, seconds=round(seconds, 2),
