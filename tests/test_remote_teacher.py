@@ -118,6 +118,14 @@ def test_permanent_failure_stops_with_one_error_and_keeps_answered_rows(recipe_p
             pipeline.generate(recipe)
     assert "HTTP 401" in str(e.value) and "teacher.base_url" in str(e.value) and "\n" not in str(e.value)
     assert len(all_rows(recipe.cache_dir)) == 5 and len(TeacherCache(recipe.cache_dir).keys()) == 5
+    # the endpoint is back (at another address): a rerun asks only for the 27 missing rows
+    healthy = faulty_endpoint(words, fault_every=None)
+    with ThreadServer(healthy) as server:
+        rerun = load_recipe(remote_recipe(recipe_path, server.url, model="fake", max_concurrency=1))
+        assert pipeline.generate(rerun)["generated"] == 27
+    assert healthy.state.stats["requests"] == 27
+    keys = [r["key"] for r in all_rows(recipe.cache_dir)]
+    assert len(keys) == len(set(keys)) == 32
 
 
 def test_endpoint_down_is_one_clear_error(recipe_path):
