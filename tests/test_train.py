@@ -186,7 +186,7 @@ def test_chunked_objective_equals_unchunked(cached):
     for chunk in (10_000, 3):
         student = models.student_from_teacher(teacher, [0, 3])
         objective = DistillationObjective(student, alpha=0.3, temperature=2.0, chunk_tokens=chunk)
-        loss, ce, kd = objective(batch)
+        loss, ce, kd, _ = objective(batch)
         loss.backward()
         results.append((loss.detach(), ce.detach(), kd.detach(), [p.grad.clone() for p in student.parameters()]))
     (l1, c1, k1, g1), (l2, c2, k2, g2) = results
@@ -364,11 +364,12 @@ def test_other_student_sources(cached, tmp_path, tiny_model_dir):
     assert student.config.num_hidden_layers == 1 and student.config.intermediate_size == 16
     assert student.config.hidden_size == 32  # the rest of the teacher's config is kept
 
+    # A ready student: the 1-layer model just trained, trained again from its saved folder.
     recipe = cached("eval.baseline=false", f"out={tmp_path / 'ready'}", "student.from_teacher=null",
-                    f"student.model={tiny_model_dir}")
+                    f"student.model={tmp_path / 'cfg' / 'student'}")
     assert pipeline.train(recipe)["student"]["steps"] == 6
     student = models.load_causal_lm(tmp_path / "ready" / "student", device="cpu")
-    assert student.config.num_hidden_layers == 4
+    assert student.config.num_hidden_layers == 1 and student.config.intermediate_size == 16
 
 
 # --- skipping finished work ---------------------------------------------------------------------------
@@ -418,7 +419,7 @@ def test_objective_uses_the_recipe_divergence(tiny_model_dir, loss):
     params = {"jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}}.get(loss, {})
     objective = DistillationObjective(model, alpha=0.25, temperature=1.5, loss=loss, loss_params=params)
     with torch.no_grad():
-        total, ce, kd = objective(batch)
+        total, ce, kd, _ = objective(batch)
         hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         logits = model.get_output_embeddings()(hidden.flatten(0, 1)[batch.target_pos])
         expected = divergence(loss, **params)[1](logits, batch.topk_ids, batch.topk_logprobs, batch.tail_logprob,

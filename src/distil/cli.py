@@ -35,7 +35,8 @@ def _recipe(args: Optional[list[str]]):
 
     args = list(args or [])
     path = args.pop(0) if args and "=" not in args[0] else str(shipped("recipes/quickstart.yaml"))
-    return load_recipe(path, args)
+    _state["recipe"] = load_recipe(path, args)
+    return _state["recipe"]
 
 
 def _print(summary) -> None:
@@ -124,6 +125,7 @@ def serve(model: str = typer.Option(..., "--model", help="Model to serve: a Hugg
 
 def main() -> None:
     debug = "--debug" in sys.argv
+    _state["recipe"] = None
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own bars say what is happening
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
@@ -131,6 +133,8 @@ def main() -> None:
     except DistilError as e:
         if debug:
             raise
+        if _state.get("recipe") is not None:
+            e = _state["recipe"].locate(e)
         typer.echo(f"error: {e.one_line()}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:

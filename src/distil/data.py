@@ -23,6 +23,9 @@ from distil.errors import DistilError
 ROLES = ("system", "user", "assistant")
 OPTIONAL_FIELDS = ("reference", "category", "language")
 JSONL_SUFFIXES = (".jsonl", ".json-lines", ".jsonlines")
+# A row's text beyond this is a mistake (a whole document pasted in, a broken export), not a
+# prompt: even at data.max_prompt_tokens it would be cut to its last few hundred tokens.
+MAX_ROW_CHARS = 200_000
 
 
 @dataclass(frozen=True)
@@ -259,6 +262,10 @@ def _to_example(raw: dict, file: str, where: dict) -> Example:
         chat = ({"role": "user", "content": prompt},)
     else:
         chat = _check_messages(messages, fail)
+    size = sum(len(m["content"]) for m in chat)
+    if size > MAX_ROW_CHARS:
+        raise fail("messages" if messages is not None else "prompt",
+                   f"row holds {size:,} characters of text; the limit is {MAX_ROW_CHARS:,}")
     for name in OPTIONAL_FIELDS:
         value = raw.get(name)
         if value is not None and not isinstance(value, str):

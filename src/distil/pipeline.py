@@ -21,6 +21,7 @@ from distil.data import Example, format_prompt, load_examples
 from distil.errors import DistilError
 from distil.progress import progress_bar
 from distil.recipe import Recipe
+from distil.teachers.local import stop_token_ids
 
 
 def load_data(recipe: Recipe) -> tuple[list[Example], list[Example]]:
@@ -101,7 +102,7 @@ class TeacherPrompts:
         if t.type == "openai":
             self.source = _remote_source(recipe)
         else:
-            self.source = models.resolve(t.model, t.gguf_file)
+            self.source = models.resolve(t.model, t.gguf_file, field="teacher.model")
         self.tokenizer = models.load_tokenizer(self.source.directory, t.trust_remote_code)
         self.settings = generation_settings(recipe)
 
@@ -122,9 +123,20 @@ def _remote_source(recipe: Recipe) -> models.ResolvedModel:
     if local is None:
         raise DistilError("a type: openai teacher needs teacher.local_model (a local model with the served model's "
                           "tokenizer) unless the student is given as student.model", field="teacher.local_model")
-    base = models.resolve(local)
+    base = models.resolve(local, field="teacher.local_model" if t.local_model else "student.model")
     identity = hashlib.sha256(f"openai:{t.model}:{base.identity}".encode()).hexdigest()
     return models.ResolvedModel(base.directory, identity, t.model)
+
+
+def check_writable(folder: Path, field: str) -> None:
+    """Fail before any work if `folder` cannot be created or written (a file in the way, no permission)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".distil-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise DistilError(f"cannot write to this folder: {e.strerror or e}", file=str(folder), field=field) from None
 
 
 def _cached_rows(recipe: Recipe, keys: list[str], split: str) -> list[dict]:
@@ -145,6 +157,7 @@ def generate(recipe: Recipe) -> dict:
 
     train_ex, eval_ex = load_data(recipe)
     view = TeacherPrompts(recipe)
+    check_writable(recipe.cache_dir, "cache")
     prompts = view.prompts(train_ex + eval_ex)
     keys = view.keys(train_ex + eval_ex)
     cache = TeacherCache(recipe.cache_dir)
@@ -177,7 +190,7 @@ def generate(recipe: Recipe) -> dict:
 
 
 # Settings the cross-entropy-only baseline ignores: changing them must not retrain it.
-_DIVERGENCE_ONLY = ("alpha", "loss", "temperature", "beta", "skew_alpha")
+_DIVERGENCE_ONLY = ("alpha", "loss", "temperature", "beta", "skew_alpha", "mode", "lambda_", "hidden")
 
 
 def _fingerprint(recipe: Recipe, keys: list[str], alpha: float) -> str:
@@ -204,26 +217,33 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
 
     train_ex, _ = load_data(recipe)
     view = TeacherPrompts(recipe)
+    models.check_pairing(recipe.student, view.source.directory, view.tokenizer)
+    check_writable(recipe.out_dir, "out")
     keys = view.keys(train_ex)
     rows, keys = _checked_answers(recipe, train_ex, _cached_rows(recipe, keys, "train"), keys)
-    runs = [("student", recipe.train.alpha)] + ([("baseline", 1.0)] if recipe.eval.baseline else [])
+    # The baseline is the same student trained on the teacher's text alone.
+    baseline = recipe.train.model_copy(update={"mode": "sequence", "hidden": None})
+    runs = [("student", recipe.train, recipe.train.alpha)] + ([("baseline", baseline, 1.0)] if recipe.eval.baseline else [])
     out = recipe.out_dir
     summaries = {}
     teacher = None
-    for name, alpha in runs:
+    for name, cfg, alpha in runs:
         fingerprint = _fingerprint(recipe, keys, alpha)
         folder = out / name
         if _is_done(folder, fingerprint):
             summaries[name] = {"skipped": True, **json.loads((folder / "distil_train.json").read_text())["summary"]}
             continue
-        if teacher is None and recipe.student.model is None:
+        online = cfg.mode == "on_policy" or cfg.hidden is not None
+        if teacher is None and (recipe.student.model is None or online):
             teacher = view.load_model()
         torch.manual_seed(recipe.train.seed)
         student = models.build_student(recipe.student, teacher)
         with progress_bar() as bar:
-            summary = train_student(student, rows, recipe.train, pad_id=view.tokenizer.pad_token_id, out_dir=out,
+            summary = train_student(student, rows, cfg, pad_id=view.tokenizer.pad_token_id, out_dir=out,
                                     run_name=name, alpha=alpha, resume=resume, fingerprint=fingerprint,
-                                    progress=bar)
+                                    progress=bar, teacher=teacher if online else None,
+                                    stop_ids=stop_token_ids(view.tokenizer, teacher) if online else frozenset(),
+                                    max_new_tokens=recipe.generate.max_new_tokens)
         summaries[name] = summary
         if not PartialState().is_main_process:  # under `accelerate launch`, one process saves
             continue
@@ -243,12 +263,17 @@ def evaluate(recipe: Recipe) -> dict:
 
     _, eval_ex = load_data(recipe)
     view = TeacherPrompts(recipe)
+    check_writable(recipe.out_dir, "out")
     rows = _cached_rows(recipe, view.keys(eval_ex), "held-out")
     return evaluate_run(recipe, view, eval_ex, rows)
 
 
 def run(recipe: Recipe) -> dict:
     """generate -> train (resuming from checkpoints) -> evaluate; finished work is skipped."""
+    load_data(recipe)
+    view = TeacherPrompts(recipe)
+    models.check_pairing(recipe.student, view.source.directory, view.tokenizer)  # before the teacher's work
+    check_writable(recipe.out_dir, "out")
     timings = {}
     t = time.time()
     gen = generate(recipe)

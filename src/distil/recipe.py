@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from distil.errors import DistilError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
 # Keys that only an OpenAI-compatible teacher (type: openai) takes.
@@ -115,6 +115,14 @@ class GenerateConfig(_Section):
     seed: int = 0
 
 
+class HiddenConfig(_Section):
+    """Match chosen student and teacher hidden states (needs a local teacher)."""
+    layers: list[tuple[int, int]] = Field(min_length=1, description="[student, teacher] pairs of hidden_states "
+                                          "indices (0 = embeddings, i = output of layer i)")
+    loss: Literal["mse", "cosine"] = "mse"
+    weight: float = Field(1.0, gt=0, description="weight of the hidden-state loss, added to the others")
+
+
 class TrainConfig(_Section):
     steps: int = Field(100, gt=0)
     batch_size: int = Field(8, gt=0)
@@ -135,6 +143,12 @@ class TrainConfig(_Section):
     log_every: int = Field(5, gt=0)
     seed: int = 0
     freeze_embeddings: bool = Field(False, description="keep the (tied) embedding / LM head fixed")
+    mode: Literal["supervised", "sequence", "on_policy"] = Field(
+        "supervised", description="supervised: cached soft targets; sequence: cross-entropy on the teacher's "
+                                  "text only; on_policy: GKD, the student writes some continuations")
+    lambda_: float = Field(0.5, alias="lambda", ge=0, le=1,
+                           description="on_policy: share of micro-batches the student writes and the teacher scores")
+    hidden: HiddenConfig | None = None
 
 
 class EvalConfig(_Section):
@@ -156,6 +170,24 @@ class Recipe(_Section):
     cache: str | None = Field(None, description="teacher cache directory (default: $DISTIL_HOME/teacher-cache)")
     # Not a YAML key: where the recipe came from, so relative paths resolve against it.
     source: str | None = Field(None, exclude=True)
+    _lines: dict = PrivateAttr(default_factory=dict)  # key path -> line in the YAML file
+    _overridden: set = PrivateAttr(default_factory=set)  # key paths set on the command line
+
+    def locate(self, error: DistilError) -> DistilError:
+        """`error` with the recipe file and line filled in, when it names a recipe key but no file.
+
+        Errors found after validation (a layer index the teacher lacks, a student too large)
+        then point at the line to fix, like validation errors do.
+        """
+        if error.file is not None or not error.field or self.source is None:
+            return error
+        path = tuple(int(p) if p.isdigit() else p for p in error.field.split("."))
+        if any(path[: len(o)] == o for o in self._overridden):
+            file, line = "command line", None
+        else:
+            file = self.source
+            line = next((self._lines[path[:n]] for n in range(len(path), 0, -1) if path[:n] in self._lines), None)
+        return DistilError(error.message, file=file, line=line, row=error.row, field=error.field)
 
     def resolve(self, path: str) -> Path:
         """A path from the recipe, relative to the recipe file's folder unless absolute."""
@@ -175,7 +207,7 @@ class Recipe(_Section):
 
 
 def _field_names(model: type[BaseModel]) -> list[str]:
-    return [n for n, f in model.model_fields.items() if not f.exclude]
+    return [f.alias or n for n, f in model.model_fields.items() if not f.exclude]
 
 
 def _section_model(path: tuple) -> type[BaseModel] | None:
@@ -226,7 +258,7 @@ def _unknown_key_error(path: tuple, file: str, line: int | None, via: str = "") 
 def apply_override(data: dict, override: str) -> None:
     """Apply one `key.sub=value` override in place; the value is parsed as YAML."""
     if "=" not in override:
-        raise DistilError(f"override '{override}' is not of the form key.sub=value", field=override)
+        raise DistilError(f"override '{override}' is not of the form key.sub=value", file="command line")
     dotted, raw = override.split("=", 1)
     keys = dotted.strip().split(".")
     try:
@@ -285,6 +317,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     except ValidationError as e:
         raise _validation_error(e, file, lines, overridden) from None
     recipe.source = file
+    recipe._lines, recipe._overridden = lines, overridden
     return recipe
 
 

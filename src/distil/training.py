@@ -31,17 +31,25 @@ class Batch:
     input_ids: torch.Tensor       # (B, L) right-padded prompt + teacher text (last token dropped)
     attention_mask: torch.Tensor  # (B, L)
     target_pos: torch.Tensor      # (N,) flat positions in (B*L) that predict a teacher token
-    targets: torch.Tensor         # (N,) the teacher's tokens
+    targets: torch.Tensor         # (N,) the teacher's tokens (or, on policy, the student's)
     topk_ids: torch.Tensor        # (N, k)
     topk_logprobs: torch.Tensor   # (N, k)
     tail_logprob: torch.Tensor    # (N,)
+    teacher_hidden: tuple[torch.Tensor, ...] = ()  # per matched layer, (N, D_teacher)
+    on_policy: bool = False       # the student wrote the text: divergence only, no cross-entropy
 
     def to(self, device) -> "Batch":
-        return Batch(**{k: v.to(device) for k, v in self.__dict__.items()})
+        fields = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.__dict__.items()}
+        fields["teacher_hidden"] = tuple(h.to(device) for h in self.teacher_hidden)
+        return Batch(**fields)
 
 
 def collate(rows: list[dict], pad_id: int) -> Batch:
-    """Cache rows -> one right-padded batch with the flat positions of the teacher's tokens."""
+    """Cache rows -> one right-padded batch with the flat positions of the teacher's tokens.
+
+    Rows without soft targets (on-policy rollouts, before the teacher scores them) get
+    empty (N, 0) top-k tensors.
+    """
     seqs = [(r["prompt_ids"] + r["token_ids"])[:-1] for r in rows]
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -53,11 +61,14 @@ def collate(rows: list[dict], pad_id: int) -> Batch:
         start = len(row["prompt_ids"]) - 1
         positions.extend(i * width + start + j for j in range(len(row["token_ids"])))
         targets.extend(row["token_ids"])
-        topk_ids.extend(row["topk_ids"])
-        topk_lp.extend(row["topk_logprobs"])
-        tail.extend(row["tail_logprob"])
-    return Batch(input_ids, mask, torch.tensor(positions), torch.tensor(targets), torch.tensor(topk_ids),
-                 torch.tensor(topk_lp, dtype=torch.float32), torch.tensor(tail, dtype=torch.float32))
+        n = len(row["token_ids"])
+        topk_ids.extend(row.get("topk_ids") or [[]] * n)
+        topk_lp.extend(row.get("topk_logprobs") or [[]] * n)
+        tail.extend(row.get("tail_logprob") or [0.0] * n)
+    return Batch(input_ids, mask, torch.tensor(positions), torch.tensor(targets),
+                 torch.tensor(topk_ids, dtype=torch.long).reshape(len(targets), -1),
+                 torch.tensor(topk_lp, dtype=torch.float32).reshape(len(targets), -1),
+                 torch.tensor(tail, dtype=torch.float32))
 
 
 class DistillationObjective(nn.Module):
@@ -67,26 +78,39 @@ class DistillationObjective(nn.Module):
     chunks of `chunk_tokens`; when there are several chunks each is recomputed in backward
     (activation checkpointing), so the batch's full logits never exist at once.
 
-    Returns per call the *sums* over target tokens of (loss, cross-entropy, divergence),
-    where loss = alpha * CE + (1 - alpha) * temperature**2 * D(teacher, student), D the recipe's
-    `train.loss` (forward KL by default) over the cached top-k + tail buckets.
+    Returns per call the *sums* over target tokens of (loss, cross-entropy, divergence, hidden),
+    where loss = alpha * CE + (1 - alpha) * temperature**2 * D(teacher, student) + w * H, D the
+    recipe's `train.loss` (forward KL by default) over the cached top-k + tail buckets and H the
+    hidden-state loss (`train.hidden`). On-policy batches (the student wrote the text) use D alone.
+
+    With `hidden_pairs`, each pair (student index, teacher index) of hidden_states is compared
+    per token after a learned linear projection where the widths differ. The projections belong
+    to this module (trained, checkpointed), not to the student, so they are not saved with it.
     """
 
     def __init__(self, student: nn.Module, *, alpha: float, temperature: float, chunk_tokens: int = 2048,
-                 loss: str = "forward_kl", loss_params: dict | None = None):
+                 loss: str = "forward_kl", loss_params: dict | None = None,
+                 hidden_pairs: list[tuple[int, int]] = (), hidden_loss: str = "mse", hidden_weight: float = 1.0,
+                 teacher_width: int | None = None):
         super().__init__()
         self.student, self.alpha, self.temperature, self.chunk_tokens = student, alpha, temperature, chunk_tokens
         self.loss = loss
         # forward_kl has a fast path below; the others use their exact sparse function.
         self.sparse_divergence = None if loss == "forward_kl" else divergence(loss, **(loss_params or {}))[1]
+        self.hidden_pairs, self.hidden_loss, self.hidden_weight = list(hidden_pairs), hidden_loss, hidden_weight
+        width = student.config.hidden_size
+        teacher_width = teacher_width or width
+        self.projections = nn.ModuleList(
+            nn.Linear(width, teacher_width, bias=False) if width != teacher_width else nn.Identity()
+            for _ in self.hidden_pairs)
 
-    def _chunk(self, hidden, targets, topk_ids, topk_logprobs, tail):
+    def _chunk(self, hidden, targets, topk_ids, topk_logprobs, tail, alpha):
         logits = self.student.get_output_embeddings()(hidden).float()
         # One log_softmax serves cross-entropy and (at T = 1) the divergence: on a
         # (tokens x vocabulary) tensor every extra pass costs as much as the small model's layers.
         log_probs = torch.log_softmax(logits, dim=-1)
         ce = -log_probs.gather(-1, targets.unsqueeze(-1)).sum()
-        if self.alpha == 1.0:
+        if alpha == 1.0:
             return ce, ce, torch.zeros_like(ce)
         if self.sparse_divergence is not None:
             kd = self.sparse_divergence(logits, topk_ids, topk_logprobs, tail, temperature=self.temperature,
@@ -95,19 +119,38 @@ class DistillationObjective(nn.Module):
             tempered = log_probs if self.temperature == 1.0 else torch.log_softmax(logits / self.temperature, dim=-1)
             kd = sparse_forward_kl_from_log_probs(tempered, topk_ids, topk_logprobs, tail,
                                                   temperature=self.temperature, reduction="sum")
-        return self.alpha * ce + (1 - self.alpha) * self.temperature ** 2 * kd, ce, kd
+        return alpha * ce + (1 - alpha) * self.temperature ** 2 * kd, ce, kd
+
+    def _hidden_loss(self, student_states, teacher_states) -> torch.Tensor:
+        """Sum over tokens of the per-token hidden-state loss, averaged over the matched pairs."""
+        total = 0.0
+        for proj, (s, _), target in zip(self.projections, self.hidden_pairs, teacher_states):
+            pred = proj(student_states[s])
+            if self.hidden_loss == "mse":
+                total = total + (pred.float() - target).pow(2).mean(-1).sum()
+            else:
+                total = total + (1 - torch.cosine_similarity(pred.float(), target, dim=-1)).sum()
+        return total / len(self.hidden_pairs)
 
     def forward(self, batch: Batch):
-        hidden = self.student.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        hidden = hidden.flatten(0, 1)[batch.target_pos]
+        out = self.student.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                      output_hidden_states=bool(self.hidden_pairs))
+        hidden = out.last_hidden_state.flatten(0, 1)[batch.target_pos]
+        alpha = 0.0 if batch.on_policy else self.alpha
         n = hidden.shape[0]
         parts = []
         for s in range(0, n, self.chunk_tokens):
             args = (hidden[s:s + self.chunk_tokens], batch.targets[s:s + self.chunk_tokens],
                     batch.topk_ids[s:s + self.chunk_tokens], batch.topk_logprobs[s:s + self.chunk_tokens],
-                    batch.tail_logprob[s:s + self.chunk_tokens])
+                    batch.tail_logprob[s:s + self.chunk_tokens], alpha)
             parts.append(checkpoint(self._chunk, *args, use_reentrant=False) if n > self.chunk_tokens else self._chunk(*args))
-        return tuple(torch.stack(p).sum() for p in zip(*parts))
+        loss, ce, kd = (torch.stack(p).sum() for p in zip(*parts))
+        hid = torch.zeros_like(loss)
+        if self.hidden_pairs:
+            states = {s: out.hidden_states[s].flatten(0, 1)[batch.target_pos] for s, _ in self.hidden_pairs}
+            hid = self._hidden_loss(states, batch.teacher_hidden)
+            loss = loss + self.hidden_weight * hid
+        return loss, ce, kd, hid
 
 
 def lr_lambda(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -137,11 +180,13 @@ def micro_batch_order(n_rows: int, micro_batch: int, seed: int, start: int, coun
     return batches
 
 
-def _save_checkpoint(folder: Path, step: int, student, optimizer, scheduler, keep: int = 2) -> None:
+def _save_checkpoint(folder: Path, step: int, objective: DistillationObjective, optimizer, scheduler,
+                     keep: int = 2) -> None:
     tmp, final = folder / f".step-{step:07d}.tmp", folder / f"step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
+    objective.student.save_pretrained(tmp)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "projections": objective.projections.state_dict(),
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "train_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -154,14 +199,20 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def _micro_seed(seed: int, step: int, micro: int) -> int:
+    """A seed for one micro-batch's random choices, independent of process count and resumes."""
+    return (seed * 1_000_003 + step) * 1_009 + micro
+
+
 def train_student(student, rows: list[dict], cfg, *, pad_id: int, out_dir: Path, run_name: str,
-                  alpha: float | None = None, resume: bool = False, fingerprint: str = "", progress=None) -> dict:
+                  alpha: float | None = None, resume: bool = False, fingerprint: str = "", progress=None,
+                  teacher=None, stop_ids: set[int] = frozenset(), max_new_tokens: int = 64) -> dict:
     """Train `student` in place on cache rows; checkpoints and metrics go under `out_dir`.
 
     Args:
         student: a causal LM (its weights are updated).
         rows: teacher-cache rows (dicts with prompt_ids, token_ids, topk_* and tail_logprob).
-        cfg: the recipe's `train` section.
+        cfg: the recipe's `train` section (its `mode` picks supervised / sequence / on_policy).
         pad_id: padding token id.
         out_dir: run folder; writes checkpoints/<run_name>/ and logs/<run_name>.jsonl.
         run_name: "student" or "baseline".
@@ -170,25 +221,41 @@ def train_student(student, rows: list[dict], cfg, *, pad_id: int, out_dir: Path,
             same `fingerprint`; otherwise checkpoints of an earlier, different run are removed.
         fingerprint: identifies the training setup (recipe + data); stored with checkpoints.
         progress: a `distil.progress.progress_bar()` to report to, or None.
+        teacher: a local teacher model; needed by `mode: on_policy` and `cfg.hidden`.
+        stop_ids, max_new_tokens: how on-policy rollouts end.
 
     Returns:
         A summary: steps, final loss, tokens seen, seconds.
     """
     from accelerate import Accelerator
 
+    from distil.online import rollout, teacher_forward
+
     if not rows:
         raise DistilError("no teacher-cache rows to train on", field="data.train")
-    alpha = cfg.alpha if alpha is None else alpha
-    accelerator = Accelerator()
+    on_policy = cfg.mode == "on_policy"
+    alpha = 1.0 if cfg.mode == "sequence" else cfg.alpha if alpha is None else alpha
+    hidden = cfg.hidden
+    if (on_policy or hidden) and teacher is None:
+        raise DistilError("needs a local teacher model during training", field="train.hidden" if hidden else "train.mode")
+    # On a machine without an accelerator, `cpu=True` lets Accelerate pick up a torchrun /
+    # `accelerate launch` environment as multi-process CPU training (gloo).
+    accelerator = Accelerator(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if cfg.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)
         student.get_output_embeddings().weight.requires_grad_(False)
+    if hidden:
+        _check_hidden_layers(hidden.layers, student, teacher)
+    if teacher is not None:
+        teacher.to(accelerator.device).eval().requires_grad_(False)
     loss_params = {"jsd": {"beta": cfg.beta}, "skew_kl": {"alpha": cfg.skew_alpha},
                    "skew_reverse_kl": {"alpha": cfg.skew_alpha}}.get(cfg.loss, {})
-    objective = DistillationObjective(student, alpha=alpha, temperature=cfg.temperature, loss=cfg.loss,
-                                      loss_params=loss_params)
+    objective = DistillationObjective(
+        student, alpha=alpha, temperature=cfg.temperature, loss=cfg.loss, loss_params=loss_params,
+        hidden_pairs=hidden.layers if hidden else (), hidden_loss=hidden.loss if hidden else "mse",
+        hidden_weight=hidden.weight if hidden else 1.0, teacher_width=teacher.config.hidden_size if hidden else None)
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
@@ -212,6 +279,7 @@ def train_student(student, rows: list[dict], cfg, *, pad_id: int, out_dir: Path,
         state = torch.load(found / "train_state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        objective.projections.load_state_dict(state["projections"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         start_step = state["step"]
@@ -223,22 +291,38 @@ def train_student(student, rows: list[dict], cfg, *, pad_id: int, out_dir: Path,
     objective.train()
     world, rank = accelerator.num_processes, accelerator.process_index
     micro_per_step = cfg.grad_accum * world
+    top_k = len(rows[0]["topk_ids"][0]) if rows[0]["topk_ids"] else 1
+
+    def micro_batch(step: int, micro: int, idx: list[int]) -> Batch:
+        """One micro-batch: cached rows, or (on policy, with probability lambda) the student's rollouts."""
+        part = [rows[i] for i in idx]
+        rng = torch.Generator().manual_seed(_micro_seed(cfg.seed, step, micro))
+        written = on_policy and torch.rand((), generator=rng).item() < cfg.lambda_
+        if written:
+            part = rollout(accelerator.unwrap_model(objective).student, part, pad_id=pad_id, stop_ids=stop_ids,
+                           max_new_tokens=max_new_tokens, generator=rng)
+        batch = collate(part, pad_id).to(accelerator.device)
+        if written or hidden:
+            teacher_forward(teacher, batch, top_k=top_k if written else None,
+                            hidden_layers=tuple(t for _, t in hidden.layers) if hidden else ())
+        batch.on_policy = written
+        return batch
+
     task = progress.add_task(f"train {run_name}", total=cfg.steps, completed=start_step, status="") if progress else None
     t0, tokens_seen, last = time.time(), 0, {}
     for step in range(start_step, cfg.steps):
         order = micro_batch_order(len(rows), cfg.batch_size, cfg.seed, step * micro_per_step, micro_per_step)
-        mine = [order[i] for i in range(rank, micro_per_step, world)]
-        batches = [collate([rows[i] for i in idx], pad_id).to(accelerator.device) for idx in mine]
+        batches = [micro_batch(step, i, order[i]) for i in range(rank, micro_per_step, world)]
         local_tokens = torch.tensor(float(sum(b.targets.numel() for b in batches)), device=accelerator.device)
         global_tokens = accelerator.reduce(local_tokens, reduction="sum").item()
-        sums = torch.zeros(3)
+        sums = torch.zeros(4)
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(objective):
-                loss, ce, kd = objective(batch)
+                parts = objective(batch)
                 # DDP averages gradients over processes: scale so the result is sum / global tokens.
-                accelerator.backward(loss * world / global_tokens)
-            sums += torch.stack([loss.detach(), ce.detach(), kd.detach()]).cpu()
+                accelerator.backward(parts[0] * world / global_tokens)
+            sums += torch.stack([p.detach() for p in parts]).cpu()
         if cfg.max_grad_norm:
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
@@ -247,19 +331,30 @@ def train_student(student, rows: list[dict], cfg, *, pad_id: int, out_dir: Path,
         sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu() / global_tokens
         tokens_seen += int(global_tokens)
         last = {"step": step + 1, "loss": sums[0].item(), "ce": sums[1].item(), "kd": sums[2].item(),
+                **({"hidden": sums[3].item()} if hidden else {}),
+                **({"on_policy_share": sum(b.on_policy for b in batches) / len(batches)} if on_policy else {}),
                 "lr": scheduler.get_last_lr()[0], "tokens": int(global_tokens), "elapsed_s": round(time.time() - t0, 3)}
         if accelerator.is_main_process:
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(last) + "\n")
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-                _save_checkpoint(ckpt_dir, step + 1, accelerator.unwrap_model(objective).student, optimizer, scheduler)
+                _save_checkpoint(ckpt_dir, step + 1, accelerator.unwrap_model(objective), optimizer, scheduler)
         if progress:
             rate = (step + 1 - start_step) / (time.time() - t0)
             progress.update(task, advance=1, status=f"{rate:.2f} step/s  loss {last['loss']:.3f}")
     accelerator.wait_for_everyone()
     return {"steps": cfg.steps, "resumed_from": start_step, "final": last, "tokens": tokens_seen,
             "seconds": round(time.time() - t0, 2)}
+
+
+def _check_hidden_layers(pairs, student, teacher) -> None:
+    """Each pair names hidden_states both models have (0 = embeddings .. num_hidden_layers)."""
+    for i, (s, t) in enumerate(pairs):
+        for name, index, model in (("student", s, student), ("teacher", t, teacher)):
+            if not 0 <= index <= model.config.num_hidden_layers:
+                raise DistilError(f"{name} hidden_states index {index} is out of range 0..{model.config.num_hidden_layers}",
+                                  field=f"train.hidden.layers.{i}")
 
 
 def _truncate_log(path: Path, step: int) -> None:
