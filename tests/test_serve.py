@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 
 import httpx
 import openai
@@ -195,3 +196,43 @@ def test_client_leaving_mid_stream_frees_the_server(client, server):
     r = client.completions.create(model=MODEL, prompt="hello cat dog", max_tokens=3, temperature=0)
     assert r.usage.completion_tokens >= 1
     assert httpx.get(server.url.removesuffix("/v1") + "/health").json()["queued"] == 0
+
+
+def test_random_bodies_never_get_a_5xx(tiny_model_dir):
+    """Fuzz both POST routes with well- and ill-formed bodies: every answer is a 2xx or a 4xx."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from distil.serve import Limits, create_app, load_engine
+    from endpoints import ThreadServer
+
+    text = st.text(max_size=12)
+    number = st.one_of(st.integers(-3, 300), st.floats(allow_nan=True, allow_infinity=True), st.none(), text)
+    message = st.one_of(st.fixed_dictionaries({"role": st.one_of(st.sampled_from(["system", "user", "assistant",
+                                                                                   "developer", "tool"]), text),
+                                               "content": st.one_of(text, st.none(), st.lists(
+                                                   st.fixed_dictionaries({"type": st.sampled_from(["text", "image"]),
+                                                                          "text": text}), max_size=2))}),
+                        text, st.integers())
+    body = st.fixed_dictionaries({"model": st.one_of(st.just(MODEL), text)}, optional={
+        "messages": st.one_of(st.lists(message, max_size=3), text),
+        "prompt": st.one_of(text, st.lists(st.integers(-5, 400), max_size=5), st.lists(text, max_size=2)),
+        "max_tokens": number, "max_completion_tokens": number, "temperature": number, "top_p": number,
+        "stop": st.one_of(text, st.lists(text, max_size=6), st.integers()), "seed": st.integers(-2 ** 70, 2 ** 70),
+        "stream": st.one_of(st.booleans(), text), "logprobs": st.one_of(st.booleans(), st.integers(-2, 30)),
+        "top_logprobs": st.integers(-2, 30), "n": st.integers(0, 3), "echo": st.booleans(),
+        "stream_options": st.one_of(st.none(), st.fixed_dictionaries({"include_usage": st.booleans()}))})
+
+    engine = load_engine(str(tiny_model_dir), limits=Limits(max_tokens=16))
+    with ThreadServer(create_app(engine)) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+        @given(route=st.sampled_from(["/chat/completions", "/completions"]), payload=body)
+        def check(route, payload):
+            r = http.post(route, content=json.dumps(payload), headers={"Content-Type": "application/json"})  # NaN too
+            assert r.status_code < 500, (route, payload, r.text[:300])
+            if r.status_code >= 400:
+                assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+            else:
+                r.read()
+
+        check()
