@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import math
 import os
 import random
@@ -398,20 +399,18 @@ def generate_remote(recipe, view, items: list[tuple[str, str, tuple]], cache: Te
     Adds to `summary` what was asked of the endpoint (requests, retries, tokens, estimated
     cost, rows with soft targets vs text only) and keeps a running total in <out>/teacher_usage.json.
     """
-    import json
-
     c = recipe.teacher
     max_prompt = recipe.data.max_prompt_tokens
-    encode = view.tokenizer
-    add_special = not encode.chat_template
+    tok = view.tokenizer
+    add_special = not tok.chat_template  # chat-templated prompts carry their special tokens (as LocalTeacher)
     work = []
     for key, prompt, messages in items:
-        ids = encode(prompt, add_special_tokens=add_special)["input_ids"][-max_prompt:]
+        ids = tok(prompt, add_special_tokens=add_special)["input_ids"][-max_prompt:]
         work.append((key, prompt, chat_messages(messages, recipe.data.system_prompt), ids))
-    teacher = OpenAITeacher(c, recipe.generate, view.tokenizer, c.model)
+    teacher = OpenAITeacher(c, recipe.generate, tok, c.model)
     t0 = time.time()
     try:
-        usage = teacher.run(work, cache)
+        teacher.run(work, cache)
     finally:
         usage = teacher.usage
         seconds = time.time() - t0
@@ -437,8 +436,6 @@ def generate_remote(recipe, view, items: list[tuple[str, str, tuple]], cache: Te
 
 def _add_usage(path, now: dict) -> None:
     """Keep a running total of endpoint usage across generate runs (the report shows it)."""
-    import json
-
     total = {}
     if path.exists():
         try:
@@ -456,7 +453,10 @@ def _add_usage(path, now: dict) -> None:
             total[k] = merged
         else:
             total[k] = v
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(total, indent=2))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(total, indent=2))
+        os.replace(tmp, path)
+    except OSError as e:  # the rows are cached; only the running total is lost
+        print(f"warning: cannot write {path}: {e.strerror or e}", file=sys.stderr)
