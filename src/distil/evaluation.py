@@ -215,6 +215,10 @@ def evaluate_run(recipe, view, examples, rows: list[dict]) -> dict:
         "cache": {"path": str(recipe.cache_dir), "bytes": TeacherCache(recipe.cache_dir).size_bytes(),
                   "rows": len(TeacherCache(recipe.cache_dir).keys())},
     }
+    if (out / "teacher_usage.json").exists():  # an endpoint teacher: requests, tokens, estimated cost
+        report["teacher_usage"] = json.loads((out / "teacher_usage.json").read_text())
+    if (out / "data_quality.json").exists():  # rows kept and rejected by reason, per category (written by train)
+        report["data"] = json.loads((out / "data_quality.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     with open(out / "eval_answers.jsonl", "w") as f:

@@ -261,11 +261,11 @@ def config_param_count(config) -> int:
         return count_params(AutoModelForCausalLM.from_config(config))
 
 
-def check_pairing(recipe_student, teacher_dir: Path, teacher_tokenizer) -> None:
+def check_pairing(recipe_student, teacher_dir: Path, teacher_tokenizer, compare_size: bool = True) -> None:
     """Fail before any work when the student cannot learn from this teacher.
 
     The student must read the teacher's token ids (same tokenizer, a vocabulary at least as
-    large) and be smaller than the teacher.
+    large) and, with `compare_size`, be smaller than the teacher.
     """
     teacher_config = AutoConfig.from_pretrained(teacher_dir)
     try:
@@ -284,6 +284,8 @@ def check_pairing(recipe_student, teacher_dir: Path, teacher_tokenizer) -> None:
     if config.vocab_size < len(teacher_tokenizer):
         raise DistilError(f"the student's vocabulary has {config.vocab_size:,} entries, fewer than the teacher "
                           f"tokenizer's {len(teacher_tokenizer):,} tokens", field="student")
+    if not compare_size:
+        return
     student_params, teacher_params = config_param_count(config), config_param_count(teacher_config)
     if student_params >= teacher_params:
         raise DistilError(f"the student has {student_params:,} parameters, not fewer than the teacher's "

