@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -89,11 +90,11 @@ def expected_answer(messages: list[dict], words: list[str]) -> list[str]:
     return [words[(seed + 7 * i) % len(words)] for i in range(3)]
 
 
-FAULTS = ("429", "500", "hang", "truncated", "reset", "no-logprobs")
+FAULTS = ("429", "500", "503", "hang", "truncated", "reset", "no-logprobs")
 
 
 def faulty_endpoint(words: list[str], *, fault_every: int | None = 10, hang_s: float = 3.0, logprobs: bool = True,
-                    die_after: int | None = None):
+                    die_after: int | None = None, fail_rate: float | None = None, seed: int = 0):
     """A FastAPI app for POST /v1/chat/completions that fails `len(FAULTS)` of every `fault_every` requests.
 
     Args:
@@ -102,6 +103,8 @@ def faulty_endpoint(words: list[str], *, fault_every: int | None = 10, hang_s: f
         hang_s: how long a "hang" waits before answering (longer than the client's timeout).
         logprobs: include top log-probs in answers.
         die_after: after this many good answers, answer 401 to everything (a permanent failure).
+        fail_rate: instead of `fault_every`'s fixed pattern, each request fails with this
+            probability, with a kind drawn uniformly from FAULTS (a `random.Random(seed)`).
     Returns:
         The app; `app.state.stats` counts requests, faults by kind and good answers per prompt.
     """
@@ -109,6 +112,7 @@ def faulty_endpoint(words: list[str], *, fault_every: int | None = 10, hang_s: f
     stats = {"requests": 0, "faults": Counter(), "answered": Counter()}
     app.state.stats = stats
     lock = threading.Lock()
+    rng = random.Random(seed)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -116,10 +120,14 @@ def faulty_endpoint(words: list[str], *, fault_every: int | None = 10, hang_s: f
         with lock:
             i = stats["requests"]
             stats["requests"] += 1
+            drawn = rng.choice(FAULTS) if fail_rate is not None and rng.random() < fail_rate else None
         if die_after is not None and sum(stats["answered"].values()) >= die_after:
             return JSONResponse({"error": {"message": "invalid api key", "type": "invalid_request_error",
                                            "param": None, "code": "invalid_api_key"}}, status_code=401)
-        kind = FAULTS[i % fault_every] if fault_every and i % fault_every < len(FAULTS) else None
+        if fail_rate is not None:
+            kind = drawn
+        else:
+            kind = FAULTS[i % fault_every] if fault_every and i % fault_every < len(FAULTS) else None
         answer = expected_answer(body["messages"], words)
         content = []
         for w in answer:
@@ -141,6 +149,9 @@ def faulty_endpoint(words: list[str], *, fault_every: int | None = 10, hang_s: f
                                 headers={"Retry-After": "0.05"})
         if kind == "500":
             return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, status_code=500)
+        if kind == "503":
+            return JSONResponse({"error": {"message": "overloaded", "type": "server_error"}}, status_code=503,
+                                headers={"Retry-After": "0"})
         if kind == "hang":
             await asyncio.sleep(hang_s)
         if kind == "truncated":
