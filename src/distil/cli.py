@@ -91,6 +91,36 @@ def run(args: Optional[list[str]] = typer.Argument(None, help=RECIPE_HELP)):
     typer.echo(f"{result['report']['headline']}\nReport: {recipe.out_dir / 'report.html'}")
 
 
+@app.command("export")
+def export_cmd(model: str = typer.Option(..., "--model", help="A Hugging Face model folder, e.g. runs/quickstart/student "
+                                                               "(a folder of LoRA adapters is merged first)."),
+               format: str = typer.Option(..., "--format", help="hf | gguf | onnx | int8"),
+               out: str = typer.Option(..., "--out", help="Where to write: a folder (hf, onnx, int8) or a .gguf file."),
+               quant: Optional[str] = typer.Option(None, "--quant", help="GGUF only: f16 (default) or q8_0."),
+               check: bool = typer.Option(True, "--check/--no-check",
+                                          help="Load the artifact in its runtime and compare next-token logits with the source.")):
+    """Export a model for deployment: Hugging Face safetensors, GGUF (llama.cpp), ONNX with KV cache, or int8.
+
+    Example: distil export --model runs/quickstart/student --format gguf --quant q8_0 --out student-q8_0.gguf
+
+    To score exports with the student's metrics and add them to the report, list them under
+    `export.formats` in the recipe: distil run export.formats=[gguf,onnx,int8]
+    """
+    from pathlib import Path
+
+    from distil.export import export_model
+
+    artifact = export_model(model, format, out, quant)
+    summary = {"format": artifact.label, "path": str(artifact.path), "size_bytes": artifact.size_bytes}
+    if check:
+        from distil.deploy_eval import compare_with_source
+        from distil.export import load_source
+
+        _, tokenizer = load_source(model)
+        summary["check"] = compare_with_source(Path(model), artifact.path, tokenizer)
+    _print(summary)
+
+
 def main() -> None:
     debug = "--debug" in sys.argv
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own bars say what is happening

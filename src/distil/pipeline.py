@@ -174,8 +174,40 @@ def evaluate(recipe: Recipe) -> dict:
     return evaluate_run(recipe, view, eval_ex, rows)
 
 
+def export(recipe: Recipe) -> dict:
+    """Write the recipe's `export.formats` from <out>/student into <out>/exports, score each with the
+    student's metrics and add them to report.json / report.html (key "exports")."""
+    from distil.deploy_eval import add_to_report, evaluate_artifacts
+    from distil.export import export_model
+
+    student_dir = recipe.out_dir / "student"
+    if not student_dir.exists():
+        raise DistilError("no trained student found; run `distil train` first", file=str(student_dir))
+    _, eval_ex = load_data(recipe)
+    view = TeacherPrompts(recipe)
+    rows = _cached_rows(recipe, view.keys(eval_ex), "held-out")
+    artifacts = []
+    for fmt in recipe.export.formats:
+        for quant in (recipe.export.quant if fmt == "gguf" else [None]):
+            name = f"student-{fmt}-{quant}.gguf" if quant else f"student-{fmt}"
+            artifacts.append(export_model(student_dir, fmt, recipe.out_dir / "exports" / name, quant))
+    model_config = json.loads((student_dir / "config.json").read_text())
+    stop_ids = {view.tokenizer.eos_token_id} | set(_as_list(model_config.get("eos_token_id")))
+    exports = evaluate_artifacts(student_dir, artifacts, view.tokenizer, rows, [ex.reference for ex in eval_ex],
+                                 stop_ids={i for i in stop_ids if i is not None},
+                                 max_new_tokens=recipe.eval.max_new_tokens or recipe.generate.max_new_tokens,
+                                 speed_prompts=recipe.eval.speed_prompts)
+    add_to_report(recipe.out_dir, exports)
+    return exports
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def run(recipe: Recipe) -> dict:
-    """generate -> train (resuming from checkpoints) -> evaluate; finished work is skipped."""
+    """generate -> train (resuming from checkpoints) -> evaluate -> export (if the recipe asks);
+    finished work is skipped."""
     timings = {}
     t = time.time()
     gen = generate(recipe)
@@ -186,4 +218,9 @@ def run(recipe: Recipe) -> dict:
     t = time.time()
     report = evaluate(recipe)
     timings["evaluate"] = round(time.time() - t, 1)
-    return {"generate": gen, "train": trained, "report": report, "timings_s": timings}
+    result = {"generate": gen, "train": trained, "report": report, "timings_s": timings}
+    if recipe.export.formats:
+        t = time.time()
+        result["exports"] = export(recipe)
+        timings["export"] = round(time.time() - t, 1)
+    return result

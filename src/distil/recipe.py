@@ -98,6 +98,14 @@ class EvalConfig(_Section):
     speed_prompts: int = Field(8, gt=0, description="prompts timed one at a time for tokens/s and latency")
 
 
+class ExportConfig(_Section):
+    """Artifacts written from <out>/student at the end of `distil run`, each scored into the report."""
+    formats: list[Literal["hf", "gguf", "onnx", "int8"]] = Field(default_factory=list,
+                                                                 description="formats to export (none by default)")
+    quant: list[Literal["f16", "q8_0"]] = Field(default_factory=lambda: ["q8_0"], min_length=1,
+                                                description="GGUF quantizations, one file each")
+
+
 class Recipe(_Section):
     teacher: TeacherConfig
     student: StudentConfig
@@ -105,6 +113,7 @@ class Recipe(_Section):
     generate: GenerateConfig = GenerateConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
     out: str = "runs/quickstart"
     cache: str | None = Field(None, description="teacher cache directory (default: $DISTIL_HOME/teacher-cache)")
     # Not a YAML key: where the recipe came from, so relative paths resolve against it.
