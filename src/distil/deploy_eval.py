@@ -146,7 +146,13 @@ def compare_with_source(source_dir: Path, artifact_path: Path, tokenizer, text: 
     prompt = format_prompt(tokenizer, [{"role": "user", "content": text}], None)
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
     mask, positions = torch.ones_like(ids), torch.arange(ids.shape[1])[None]
-    source, _ = TorchRuntime(load_causal_lm(source_dir, device="cpu")).forward(ids, mask, positions, None)
+    if (Path(source_dir) / "adapter_config.json").exists():  # peft's own forward, adapters not merged
+        from distil.lora import load_with_adapters
+
+        source_model = load_with_adapters(source_dir)
+    else:
+        source_model = load_causal_lm(source_dir, device="cpu")
+    source, _ = TorchRuntime(source_model).forward(ids, mask, positions, None)
     artifact, _ = open_runtime(artifact_path).forward(ids, mask, positions, None)
     return {"positions": ids.shape[1], "max_abs_logit_diff": (artifact - source).abs().max().item(),
             "top1_agreement": (artifact.argmax(-1) == source.argmax(-1)).float().mean().item()}

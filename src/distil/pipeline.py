@@ -147,6 +147,12 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
             teacher = view.load_model()
         torch.manual_seed(recipe.train.seed)
         student = models.build_student(recipe.student, teacher)
+        adapters = None
+        if recipe.student.lora is not None:  # train adapters only; the loop sees the model inside peft's wrapper
+            from distil import lora
+
+            adapters = lora.wrap_student(student, recipe.student, out / f"{name}-lora")
+            student = lora.inner(adapters)
         with progress_bar() as bar:
             summary = train_student(student, rows, recipe.train, pad_id=view.tokenizer.pad_token_id, out_dir=out,
                                     run_name=name, alpha=alpha, resume=resume, fingerprint=fingerprint,
@@ -154,6 +160,8 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
         summaries[name] = summary
         if not PartialState().is_main_process:  # under `accelerate launch`, one process saves
             continue
+        if adapters is not None:
+            student = lora.save_and_merge(adapters, out / f"{name}-lora")
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         student.save_pretrained(tmp)

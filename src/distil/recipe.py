@@ -35,11 +35,21 @@ class FromTeacher(_Section):
     intermediate_size: int | None = Field(None, gt=0, description="keep this many MLP neurons per layer")
 
 
+class LoraSettings(_Section):
+    """Train LoRA adapters (peft) instead of every weight; <out>/student is then the merged model."""
+    r: int = Field(8, gt=0, description="adapter rank")
+    alpha: float = Field(16.0, gt=0, description="scaling: the adapter's update is multiplied by alpha / r")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1,
+                                      description="names of the Linear layers that get adapters")
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
 class StudentConfig(_Section):
     model: str | None = Field(None, description="a ready student: HF directory, hub id, .gguf or pypi:")
     from_teacher: FromTeacher | None = None
     config: dict[str, Any] | None = Field(None, description="teacher config overrides, random init")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    lora: LoraSettings | None = Field(None, description="distil into LoRA adapters instead of all weights")
 
     @model_validator(mode="after")
     def _one_source(self):
