@@ -120,6 +120,14 @@ def export_model(model_dir: Path | str, fmt: str, out: Path | str, quant: str | 
 
 # --- GGUF -----------------------------------------------------------------------------------
 
+def require(module: str, extra: str) -> None:
+    """A clear error when an optional dependency is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise DistilError(f"this needs the '{module}' package: pip install 'distil[{extra}]'", field="format")
+
+
 def _llama_check(config) -> None:
     problems = []
     if config.model_type != "llama":
@@ -303,6 +311,7 @@ def write_onnx(model, tokenizer, folder: Path) -> None:
     """
     import warnings
 
+    require("onnxscript", "onnx")
     config = model.config
     n_layers = config.num_hidden_layers
     heads, head_dim = kv_shape(config)

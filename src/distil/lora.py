@@ -24,6 +24,9 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 def wrap(model, r: int, alpha: float, target_modules: list[str], dropout: float = 0.0):
     """The peft wrapper around `model` (modified in place: LoRA layers in, other weights frozen)."""
+    from distil.export import require
+
+    require("peft", "lora")
     from peft import LoraConfig, get_peft_model
 
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}

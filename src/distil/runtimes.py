@@ -33,6 +33,9 @@ class TorchRuntime:
 
 class OnnxRuntime:
     def __init__(self, folder: Path | str, threads: int | None = None):
+        from distil.export import require
+
+        require("onnxruntime", "onnx")
         import onnxruntime as ort
         from transformers import AutoConfig
 
