@@ -104,6 +104,7 @@ def test_gguf_reads_back_in_gguf_and_transformers(bpe_model_dir, tmp_path, disti
     assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
     assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == len(tokenizer)
     assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id
+    assert reader.fields["tokenizer.ggml.add_bos_token"].contents() is False
     tensors = {t.name: t for t in reader.tensors}
     assert "output.weight" not in tensors  # tied embeddings: llama.cpp reuses token_embd
     assert {"token_embd.weight", "output_norm.weight", "blk.3.attn_q.weight", "blk.3.ffn_down.weight"} <= set(tensors)

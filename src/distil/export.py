@@ -125,7 +125,7 @@ def require(module: str, extra: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec(module) is None:
-        raise DistilError(f"this needs the '{module}' package: pip install 'distil[{extra}]'", field="format")
+        raise DistilError(f"this needs the '{module}' package: pip install 'distil[{extra}]'")
 
 
 def _llama_check(config) -> None:
@@ -195,6 +195,9 @@ def _add_tokenizer(writer, tokenizer, folder: Path, n_vocab: int) -> None:
     special_vocab.add_to_gguf(writer, quiet=True)
     if tokenizer.pad_token_id is not None and "pad" not in special_vocab.special_token_ids:
         writer.add_pad_token_id(tokenizer.pad_token_id)
+    if "bos" not in special_vocab.add_special_token:  # say what the HF tokenizer does, not llama.cpp's default
+        bos = tokenizer.bos_token_id
+        writer.add_add_bos_token(bos is not None and tokenizer("a")["input_ids"][:1] == [bos])
 
 
 def write_gguf(model, tokenizer, path: Path, quant: str = "f16") -> None:
@@ -213,7 +216,7 @@ def write_gguf(model, tokenizer, path: Path, quant: str = "f16") -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
     rope = getattr(config, "rope_parameters", None) or {}
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    writer.add_name(str(getattr(config, "_name_or_path", "") or "distil-student")[:120] or "distil-student")
+    writer.add_name(Path(str(getattr(config, "_name_or_path", "") or "distil-student")).name or "distil-student")
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(n_layers)
