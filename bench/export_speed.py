@@ -1,0 +1,23 @@
+"""Round-robin batch-1 greedy timing (median of 3 rounds) of teacher, student and its exports."""
+import json, statistics, sys, time, os
+import torch
+from distil.runtimes import open_runtime
+from distil.deploy_eval import tokens_per_s
+from distil.recipe import load_recipe
+from distil import pipeline
+r = load_recipe('/work/wt-export/recipes/quickstart.yaml', ['out=/tmp/export-work/runs/quickstart'])
+_, ev = pipeline.load_data(r)
+view = pipeline.TeacherPrompts(r)
+rows = pipeline._cached_rows(r, view.keys(ev), "held-out")
+prompts = [x["prompt_ids"] for x in rows[:4]]
+ex = "/tmp/export-work/runs/quickstart/exports"
+models = {"teacher (fp32)": str(view.source.directory), "student (fp32)": "/tmp/export-work/runs/quickstart/student",
+          "student onnx": f"{ex}/student-onnx", "student int8": f"{ex}/student-int8"}
+rts = {k: open_runtime(v) for k, v in models.items()}
+res = {k: [] for k in models}
+for rnd in range(3):
+    for k, rt in rts.items():
+        res[k].append(tokens_per_s(rt, prompts, pad_id=view.tokenizer.pad_token_id))
+    print(rnd, {k: round(v[-1], 1) for k, v in res.items()}, os.getloadavg(), flush=True)
+print(json.dumps({k: {"median": statistics.median(v), "all": v} for k, v in res.items()}, indent=1))
+print("threads", torch.get_num_threads())
