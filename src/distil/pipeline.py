@@ -252,6 +252,12 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
             teacher = view.load_model()
         torch.manual_seed(recipe.train.seed)
         student = models.build_student(recipe.student, teacher)
+        adapters = None
+        if recipe.student.lora is not None:  # train adapters only; the loop sees the model inside peft's wrapper
+            from distil import lora
+
+            adapters = lora.wrap_student(student, recipe.student, out / f"{name}-lora")
+            student = lora.inner(adapters)
         with progress_bar() as bar:
             summary = train_student(student, rows, cfg, pad_id=view.tokenizer.pad_token_id, out_dir=out,
                                     run_name=name, alpha=alpha, resume=resume, fingerprint=fingerprint,
@@ -261,6 +267,8 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
         summaries[name] = summary
         if not PartialState().is_main_process:  # under `accelerate launch`, one process saves
             continue
+        if adapters is not None:
+            student = lora.save_and_merge(adapters, out / f"{name}-lora")
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         student.save_pretrained(tmp)
@@ -284,8 +292,40 @@ def evaluate(recipe: Recipe) -> dict:
     return evaluate_run(recipe, view, eval_ex, rows)
 
 
+def export(recipe: Recipe) -> dict:
+    """Write the recipe's `export.formats` from <out>/student into <out>/exports, score each with the
+    student's metrics and add them to report.json / report.html (key "exports")."""
+    from distil.deploy_eval import add_to_report, evaluate_artifacts
+    from distil.export import export_model
+
+    student_dir = recipe.out_dir / "student"
+    if not student_dir.exists():
+        raise DistilError("no trained student found; run `distil train` first", file=str(student_dir))
+    _, eval_ex = load_data(recipe)
+    view = TeacherPrompts(recipe)
+    rows = _cached_rows(recipe, view.keys(eval_ex), "held-out")
+    artifacts = []
+    for fmt in recipe.export.formats:
+        for quant in (recipe.export.quant if fmt == "gguf" else [None]):
+            name = f"student-{fmt}-{quant}.gguf" if quant else f"student-{fmt}"
+            artifacts.append(export_model(student_dir, fmt, recipe.out_dir / "exports" / name, quant))
+    model_config = json.loads((student_dir / "config.json").read_text())
+    stop_ids = {view.tokenizer.eos_token_id} | set(_as_list(model_config.get("eos_token_id")))
+    exports = evaluate_artifacts(student_dir, artifacts, view.tokenizer, rows, [ex.reference for ex in eval_ex],
+                                 stop_ids={i for i in stop_ids if i is not None},
+                                 max_new_tokens=recipe.eval.max_new_tokens or recipe.generate.max_new_tokens,
+                                 speed_prompts=recipe.eval.speed_prompts)
+    add_to_report(recipe.out_dir, exports)
+    return exports
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def run(recipe: Recipe) -> dict:
-    """generate -> train (resuming from checkpoints) -> evaluate; finished work is skipped."""
+    """generate -> train (resuming from checkpoints) -> evaluate -> export (if the recipe asks);
+    finished work is skipped."""
     if recipe.task == "causal_lm":  # fail on a bad pairing before the teacher's work, not after
         load_data(recipe)
         _check_student(recipe, TeacherPrompts(recipe))
@@ -300,4 +340,9 @@ def run(recipe: Recipe) -> dict:
     t = time.time()
     report = evaluate(recipe)
     timings["evaluate"] = round(time.time() - t, 1)
-    return {"generate": gen, "train": trained, "report": report, "timings_s": timings}
+    result = {"generate": gen, "train": trained, "report": report, "timings_s": timings}
+    if recipe.export.formats:
+        t = time.time()
+        result["exports"] = export(recipe)
+        timings["export"] = round(time.time() - t, 1)
+    return result

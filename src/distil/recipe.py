@@ -73,11 +73,21 @@ class FromTeacher(_Section):
     intermediate_size: int | None = Field(None, gt=0, description="keep this many MLP neurons per layer")
 
 
+class LoraSettings(_Section):
+    """Train LoRA adapters (peft) instead of every weight; <out>/student is then the merged model."""
+    r: int = Field(8, gt=0, description="adapter rank")
+    alpha: float = Field(16.0, gt=0, description="scaling: the adapter's update is multiplied by alpha / r")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1,
+                                      description="names of the Linear layers that get adapters")
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
 class StudentConfig(_Section):
     model: str | None = Field(None, description="a ready student: HF directory, hub id, .gguf or pypi:")
     from_teacher: FromTeacher | None = None
     config: dict[str, Any] | None = Field(None, description="teacher config overrides, random init")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    lora: LoraSettings | None = Field(None, description="distil into LoRA adapters instead of all weights")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -159,6 +169,14 @@ class EvalConfig(_Section):
     speed_prompts: int = Field(8, gt=0, description="prompts timed one at a time for tokens/s and latency")
 
 
+class ExportConfig(_Section):
+    """Artifacts written from <out>/student at the end of `distil run`, each scored into the report."""
+    formats: list[Literal["hf", "gguf", "onnx", "int8"]] = Field(default_factory=list,
+                                                                 description="formats to export (none by default)")
+    quant: list[Literal["f16", "q8_0"]] = Field(default_factory=lambda: ["q8_0"], min_length=1,
+                                                description="GGUF quantizations, one file each")
+
+
 class Recipe(_Section):
     task: Literal["causal_lm", "classification", "embedding"] = Field(
         "causal_lm", description="what is distilled; classification and embedding recipes: distil.tasks.config")
@@ -168,6 +186,7 @@ class Recipe(_Section):
     generate: GenerateConfig = GenerateConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
     out: str = "runs/quickstart"
     cache: str | None = Field(None, description="teacher cache directory (default: $DISTIL_HOME/teacher-cache)")
     # Not a YAML key: where the recipe came from, so relative paths resolve against it.

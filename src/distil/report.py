@@ -363,6 +363,28 @@ def _metrics_section(report: Mapping[str, Any], roles: list[str]) -> tuple[str, 
     return "<h2>Metrics</h2>" + _table(header, rows, text_cols=[len(header) - 1]), imgs
 
 
+def _exports_section(report: Mapping[str, Any]) -> str:
+    """Exported artifacts: size, tokens/s and each metric's change against the fp32 student."""
+    exports = report.get("exports")
+    if not isinstance(exports, Mapping) or not isinstance(exports.get("rows"), list):
+        return ""
+    ref = exports.get("reference") if isinstance(exports.get("reference"), Mapping) else {}
+    metric_names = list((ref.get("metrics") or {}).keys())
+    rows = []
+    for row in [ref] + [r for r in exports["rows"] if isinstance(r, Mapping)]:
+        change = row.get("change") if isinstance(row.get("change"), Mapping) else {}
+        cells = [_e(row.get("label", _DASH)), _e(row.get("runtime", _DASH)), _e(_fmt_mb(row.get("size_bytes"))),
+                 _e(_fmt_fixed(row.get("tokens_per_s"), 1))]
+        for m in metric_names:
+            value = _fmt_value((row.get("metrics") or {}).get(m))
+            delta = _num(change.get(m))
+            cells.append(_e(value if delta is None else f"{value} ({delta:+.3g})"))
+        rows.append(cells)
+    header = ["artifact", "runtime", "size (MB)", "tokens/s"] + [f"{m} (change)" for m in metric_names]
+    note = f'<p class="meta">{_e(exports["note"])}</p>' if exports.get("note") else ""
+    return "<h2>Exports</h2>" + _table(header, rows, text_cols=[0, 1]) + note
+
+
 def _category_table(per_category: Mapping[str, Any]) -> str:
     cats, entries, metric_names = _category_retention(per_category)
     if not cats:
@@ -472,6 +494,7 @@ def _render(report: Mapping[str, Any], train_logs: Mapping[str, Any] | None) -> 
     if metric_imgs:
         out.append('<div class="plots">' + "".join(metric_imgs) + "</div>")
 
+    out.append(_exports_section(report))
     per_category = report.get("per_category")
     if isinstance(per_category, Mapping) and per_category:
         table = _category_table(per_category)
