@@ -27,15 +27,19 @@ from safetensors.torch import load_file
 
 
 def _prompts(n: int) -> list[str]:
-    seen = []
-    for i in range(10 * n):
-        words = [PROMPT_WORDS[(i * 17 + j * 11) % len(PROMPT_WORDS)] for j in range(3 + (i * 5) % 10)]
-        text = " ".join(words) + "?"
-        if text not in seen:
-            seen.append(text)
-        if len(seen) == n:
-            return seen
-    raise AssertionError("not enough distinct prompts")
+    """`n` distinct prompts of different lengths: a few words, then i's digits in base len(PROMPT_WORDS)."""
+    prompts = []
+    for i in range(n):
+        words = [PROMPT_WORDS[(i * 17 + j * 11) % len(PROMPT_WORDS)] for j in range(2 + (i * 5) % 8)]
+        digits, rest = [], i
+        while True:
+            rest, d = divmod(rest, len(PROMPT_WORDS))
+            digits.append(PROMPT_WORDS[d])
+            if rest == 0:
+                break
+        prompts.append(" ".join(words + ["please"] + digits) + "?")
+    assert len(set(prompts)) == n
+    return prompts
 
 
 @pytest.fixture
