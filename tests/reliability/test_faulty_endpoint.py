@@ -81,6 +81,6 @@ def test_endpoint_down_for_good_keeps_the_cached_rows(tmp_path, tiny_model_dir, 
     write_jsonl(data, [json.loads(line) for line in data.read_text().splitlines()] +
                 [{"prompt": p} for p in _prompts(40)[24:]])
     with pytest.raises(DistilError) as err:
-        pipeline.generate(load_recipe(path, [f"teacher.base_url={url}"]))
+        pipeline.generate(load_recipe(path, [f"teacher.base_url={url}", "teacher.max_retries=2"]))
     assert err.value.field == "teacher.base_url" and "\n" not in str(err.value)
     assert _cache_state(tmp_path / "cache") == before
