@@ -65,3 +65,13 @@ def test_distil_run_on_gpu(load, tmp_path):
     assert result["train"]["student"]["steps"] == recipe.train.steps
     assert (tmp_path / "run" / "student" / "config.json").exists()
     assert all(torch.isfinite(torch.tensor(m["student"])) for m in report["metrics"].values())
+
+
+def test_on_policy_and_hidden_matching_on_gpu(load, tmp_path):
+    """GKD rollouts (sampled with a generator on the GPU) and hidden-state matching train on CUDA."""
+    recipe = load(f"out={tmp_path / 'gkd'}", "eval.baseline=false", "train.mode=on_policy", "train.lambda=1",
+                  "train.hidden={layers: [[1, 2]], loss: cosine}")
+    pipeline.generate(recipe)
+    summary = pipeline.train(recipe)["student"]
+    assert summary["final"]["on_policy_share"] == 1 and summary["final"]["hidden"] > 0
+    assert torch.isfinite(torch.tensor(summary["final"]["loss"]))

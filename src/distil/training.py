@@ -302,11 +302,12 @@ def train_student(student, rows: list[dict], cfg, *, pad_id: int, out_dir: Path,
     def micro_batch(step: int, micro: int, idx: list[int]) -> Batch:
         """One micro-batch: cached rows, or (on policy, with probability lambda) the student's rollouts."""
         part = [rows[i] for i in idx]
-        rng = torch.Generator().manual_seed(_micro_seed(cfg.seed, step, micro))
-        written = on_policy and torch.rand((), generator=rng).item() < cfg.lambda_
-        if written:
+        seed = _micro_seed(cfg.seed, step, micro)
+        written = on_policy and torch.rand((), generator=torch.Generator().manual_seed(seed)).item() < cfg.lambda_
+        if written:  # sampling runs where the student is, so its generator lives there too
+            sampler = torch.Generator(device=accelerator.device).manual_seed(seed)
             part = rollout(accelerator.unwrap_model(objective).student, part, pad_id=pad_id, stop_ids=stop_ids,
-                           max_new_tokens=max_new_tokens, generator=rng)
+                           max_new_tokens=max_new_tokens, generator=sampler)
         batch = collate(part, pad_id).to(accelerator.device)
         if written or hidden:
             teacher_forward(teacher, batch, top_k=top_k if written else None,
