@@ -31,7 +31,7 @@ def _recipe(tmp_path, model_dir, url: str, n_prompts: int) -> str:
     write_jsonl(data / "eval.jsonl", [{"prompt": p} for p in prompts[n_prompts - 8:]])
     recipe = tiny_recipe_dict(model_dir, tmp_path)
     recipe["teacher"] = {"type": "openai", "base_url": url, "model": "fake", "local_model": str(model_dir),
-                         "top_logprobs": 2, "timeout": 0.5, "max_concurrency": 8, "max_retries": 12}
+                         "top_logprobs": 2, "timeout": 1.0, "max_concurrency": 8, "max_retries": 40}
     path = tmp_path / "remote.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return str(path)
@@ -43,7 +43,7 @@ def test_thirty_percent_faults_every_row_exactly_once(tmp_path, tiny_model_dir, 
     vocab = load_tokenizer(tiny_model_dir).get_vocab()
     words = [w for w in PROMPT_WORDS if w in vocab]
     n = 400 if reliability_full else 96
-    app = faulty_endpoint(words, fail_rate=0.3, seed=8, hang_s=2.0)
+    app = faulty_endpoint(words, fail_rate=0.3, seed=8, hang_s=3.0)
     with ThreadServer(app) as server:
         recipe = load_recipe(_recipe(tmp_path, tiny_model_dir, server.url, n))
         summary = pipeline.generate(recipe)
