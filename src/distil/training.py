@@ -274,10 +274,14 @@ def train_student(student, rows: list[dict], cfg, *, pad_id: int, out_dir: Path,
     start_step = 0
     stamp = ckpt_dir / "fingerprint.txt"
     same_run = stamp.exists() and stamp.read_text() == fingerprint
-    if not (resume and same_run):
+    # Processes share the folder: all read the stamp, then the main one alone clears and
+    # re-stamps it, then all read the checkpoint.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and not (resume and same_run):
         shutil.rmtree(ckpt_dir)
         ckpt_dir.mkdir(parents=True)
         stamp.write_text(fingerprint)
+    accelerator.wait_for_everyone()
     found = latest_checkpoint(ckpt_dir) if resume and same_run else None
     if found is not None:
         from safetensors.torch import load_model
@@ -289,8 +293,9 @@ def train_student(student, rows: list[dict], cfg, *, pad_id: int, out_dir: Path,
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         start_step = state["step"]
-        _truncate_log(log_path, start_step)
-    elif log_path.exists():
+        if accelerator.is_main_process:
+            _truncate_log(log_path, start_step)
+    elif log_path.exists() and accelerator.is_main_process:
         log_path.unlink()
 
     objective, optimizer = accelerator.prepare(objective, optimizer)
