@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from distil.evaluation import reference_rows, summarize, token_f1
-from distil.losses import cross_entropy, sparse_forward_kl
+from distil.evaluation import reference_rows, row_scores, summarize, token_f1
 from distil.runtimes import TorchRuntime, greedy, open_runtime
 from distil.training import collate
 
@@ -33,16 +32,7 @@ def score_rows(runtime, rows: list[dict], *, pad_id: int, batch_size: int = 4) -
         batch = collate(chunk, pad_id)
         positions = torch.arange(batch.input_ids.shape[1])[None].expand_as(batch.input_ids)
         logits, _ = runtime.forward(batch.input_ids, batch.attention_mask, positions, None)
-        logits = logits.flatten(0, 1)[batch.target_pos].float()
-        agree = (logits.argmax(-1) == batch.topk_ids[:, 0]).float()
-        kl = sparse_forward_kl(logits, batch.topk_ids, batch.topk_logprobs, batch.tail_logprob, reduction="none")
-        nll = cross_entropy(logits, batch.targets, reduction="none")
-        offset = 0
-        for row in chunk:
-            n = len(row["token_ids"])
-            sl = slice(offset, offset + n)
-            results.append({"n": n, "agree": agree[sl].sum().item(), "kl": kl[sl].sum().item(), "nll": nll[sl].sum().item()})
-            offset += n
+        results.extend(row_scores(logits.flatten(0, 1)[batch.target_pos].float(), batch, chunk))
     return results
 
 

@@ -58,16 +58,22 @@ def score_on_teacher_text(model, rows: list[dict], *, pad_id: int, batch_size: i
         chunk = rows[start:start + batch_size]
         batch = collate(chunk, pad_id).to(model.device)
         hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        logits = head(hidden.flatten(0, 1)[batch.target_pos]).float()
-        agree = (logits.argmax(-1) == batch.topk_ids[:, 0]).float()
-        kl = sparse_forward_kl(logits, batch.topk_ids, batch.topk_logprobs, batch.tail_logprob, reduction="none")
-        nll = cross_entropy(logits, batch.targets, reduction="none")
-        offset = 0
-        for row in chunk:
-            n = len(row["token_ids"])
-            sl = slice(offset, offset + n)
-            results.append({"n": n, "agree": agree[sl].sum().item(), "kl": kl[sl].sum().item(), "nll": nll[sl].sum().item()})
-            offset += n
+        results.extend(row_scores(head(hidden.flatten(0, 1)[batch.target_pos]).float(), batch, chunk))
+    return results
+
+
+def row_scores(logits, batch, chunk: list[dict]) -> list[dict]:
+    """Per row of `chunk`: tokens, top-1 agreements, summed KL(teacher || model) and NLL, from the
+    model's logits at the batch's target positions (any runtime's)."""
+    agree = (logits.argmax(-1) == batch.topk_ids[:, 0]).float()
+    kl = sparse_forward_kl(logits, batch.topk_ids, batch.topk_logprobs, batch.tail_logprob, reduction="none")
+    nll = cross_entropy(logits, batch.targets, reduction="none")
+    results, offset = [], 0
+    for row in chunk:
+        n = len(row["token_ids"])
+        sl = slice(offset, offset + n)
+        results.append({"n": n, "agree": agree[sl].sum().item(), "kl": kl[sl].sum().item(), "nll": nll[sl].sum().item()})
+        offset += n
     return results
 
 
