@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from distil import models, tasks
+from distil import explain, models, tasks
 from distil.cache import TeacherCache, row_key
 from distil.data import Example, format_prompt, load_examples
 from distil.errors import DistilError
@@ -88,6 +88,8 @@ def generation_settings(recipe: Recipe) -> dict:
                 "max_prompt_tokens": recipe.data.max_prompt_tokens}
     if recipe.teacher.type == "openai":
         settings.update(top_k=recipe.teacher.top_logprobs, endpoint=recipe.teacher.endpoint)
+    elif recipe.teacher.dtype != "float32":  # a lower precision writes other text (float32 keys stay as they were)
+        settings["dtype"] = recipe.teacher.dtype
     if g.do_sample:
         settings.update(temperature=g.temperature, top_p=g.top_p, seed=g.seed)
     return settings
@@ -107,13 +109,32 @@ class TeacherPrompts:
         self.settings = generation_settings(recipe)
 
     def prompts(self, examples: list[Example]) -> list[str]:
-        return [format_prompt(self.tokenizer, ex.messages, self.recipe.data.system_prompt) for ex in examples]
+        """What the teacher is asked (with generate.explain, its instruction added to the system prompt)."""
+        return [format_prompt(self.tokenizer, *explain.teacher_chat(ex.messages, self.recipe)) for ex in examples]
+
+    def student_rows(self, rows: list[dict], examples: list[Example]) -> list[dict]:
+        """The cached rows as the student sees them: with generate.explain, after the plain prompt, not the
+        teacher's (the student learns to reason without being told to)."""
+        if not self.recipe.generate.explain:
+            return rows
+        plain = [format_prompt(self.tokenizer, ex.messages, self.recipe.data.system_prompt) for ex in examples]
+        return explain.with_prompts(rows, plain, self.tokenizer, self.recipe.data.max_prompt_tokens)
 
     def keys(self, examples: list[Example]) -> list[str]:
         return [row_key(self.source.identity, p, self.settings) for p in self.prompts(examples)]
 
     def load_model(self):
         return models.load_causal_lm(self.source.directory, self.recipe.teacher.dtype, self.recipe.teacher.trust_remote_code)
+
+
+def teacher_view(recipe: Recipe):
+    """The recipe's teacher(s): a `TeacherPrompts`, or for `teachers:` a `distil.teachers.many.Teachers`
+    with the same methods (prompts are per teacher, keys per row)."""
+    if recipe.teachers is None:
+        return TeacherPrompts(recipe)
+    from distil.teachers.many import Teachers
+
+    return Teachers(recipe)
 
 
 def _remote_source(recipe: Recipe) -> models.ResolvedModel:
@@ -140,7 +161,11 @@ def check_writable(folder: Path, field: str) -> None:
 
 
 def _check_student(recipe: Recipe, view: TeacherPrompts) -> None:
-    """The student can learn from this teacher in the way the recipe asks (see models.check_pairing)."""
+    """The student can learn from this teacher in the way the recipe asks (see models.check_pairing).
+
+    With several teachers, from the first one (whose model builds the student and teaches online).
+    """
+    recipe = view.recipe
     local = recipe.teacher.type == "local"
     if not local and (recipe.train.mode == "on_policy" or recipe.train.hidden is not None):
         raise DistilError("needs a local teacher (an endpoint gives neither scores for the student's own text "
@@ -165,13 +190,22 @@ def generate(recipe: Recipe) -> dict:
     """
     if recipe.task != "causal_lm":
         return tasks.stage(recipe, "generate")
-    from distil.teachers.local import LocalTeacher
-
     train_ex, eval_ex = load_data(recipe)
+    if recipe.teachers is not None:
+        from distil.teachers.many import generate_many
+
+        return generate_many(recipe, train_ex + eval_ex)
     view = TeacherPrompts(recipe)
     check_writable(recipe.cache_dir, "cache")
-    prompts = view.prompts(train_ex + eval_ex)
-    keys = view.keys(train_ex + eval_ex)
+    return generate_rows(recipe, view, train_ex + eval_ex)
+
+
+def generate_rows(recipe: Recipe, view: TeacherPrompts, examples: list[Example]) -> dict:
+    """Ask `view`'s teacher about those of `examples` not yet cached (the body of `generate`, for one teacher)."""
+    from distil.teachers.local import LocalTeacher
+
+    prompts = view.prompts(examples)
+    keys = view.keys(examples)
     cache = TeacherCache(recipe.cache_dir)
     cache.remove_stale_temporaries()
     done = cache.keys()
@@ -183,7 +217,7 @@ def generate(recipe: Recipe) -> dict:
     if recipe.teacher.type == "openai":
         from distil.teachers.openai import generate_remote
 
-        messages = dict(zip(keys, (ex.messages for ex in train_ex + eval_ex)))
+        messages = dict(zip(keys, (ex.messages for ex in examples)))
         return generate_remote(recipe, view, [(k, p, messages[k]) for k, p in todo.items()], cache, summary)
     teacher = LocalTeacher(view.load_model(), view.tokenizer, view.source.identity, view.source.name)
     todo_keys, todo_prompts = list(todo), list(todo.values())
@@ -230,11 +264,12 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     from distil.training import train_student
 
     train_ex, _ = load_data(recipe)
-    view = TeacherPrompts(recipe)
+    view = teacher_view(recipe)
     _check_student(recipe, view)
     check_writable(recipe.out_dir, "out")
     keys = view.keys(train_ex)
-    rows, keys = _checked_answers(recipe, train_ex, _cached_rows(recipe, keys, "train"), keys)
+    rows = view.student_rows(_cached_rows(recipe, keys, "train"), train_ex)
+    rows, keys = _checked_answers(recipe, train_ex, rows, keys)
     # The baseline is the same student trained on the teacher's text alone.
     baseline = recipe.train.model_copy(update={"mode": "sequence", "hidden": None})
     runs = [("student", recipe.train, recipe.train.alpha)] + ([("baseline", baseline, 1.0)] if recipe.eval.baseline else [])
@@ -286,9 +321,9 @@ def evaluate(recipe: Recipe) -> dict:
     from distil.evaluation import evaluate_run
 
     _, eval_ex = load_data(recipe)
-    view = TeacherPrompts(recipe)
+    view = teacher_view(recipe)
     check_writable(recipe.out_dir, "out")
-    rows = _cached_rows(recipe, view.keys(eval_ex), "held-out")
+    rows = view.student_rows(_cached_rows(recipe, view.keys(eval_ex), "held-out"), eval_ex)
     return evaluate_run(recipe, view, eval_ex, rows)
 
 
@@ -302,8 +337,8 @@ def export(recipe: Recipe) -> dict:
     if not student_dir.exists():
         raise DistilError("no trained student found; run `distil train` first", file=str(student_dir))
     _, eval_ex = load_data(recipe)
-    view = TeacherPrompts(recipe)
-    rows = _cached_rows(recipe, view.keys(eval_ex), "held-out")
+    view = teacher_view(recipe)
+    rows = view.student_rows(_cached_rows(recipe, view.keys(eval_ex), "held-out"), eval_ex)
     artifacts = []
     for fmt in recipe.export.formats:
         for quant in (recipe.export.quant if fmt == "gguf" else [None]):
@@ -328,7 +363,7 @@ def run(recipe: Recipe) -> dict:
     finished work is skipped."""
     if recipe.task == "causal_lm":  # fail on a bad pairing before the teacher's work, not after
         load_data(recipe)
-        _check_student(recipe, TeacherPrompts(recipe))
+        _check_student(recipe, teacher_view(recipe))
         check_writable(recipe.out_dir, "out")
     timings = {}
     t = time.time()

@@ -33,6 +33,7 @@ import httpx
 
 from distil.cache import TeacherCache
 from distil.errors import DistilError
+from distil.explain import teacher_chat
 from distil.progress import progress_bar
 from distil.tokens import TokenMap
 
@@ -406,8 +407,8 @@ def generate_remote(recipe, view, items: list[tuple[str, str, tuple]], cache: Te
     work = []
     for key, prompt, messages in items:
         ids = tok(prompt, add_special_tokens=add_special)["input_ids"][-max_prompt:]
-        work.append((key, prompt, chat_messages(messages, recipe.data.system_prompt), ids))
-    teacher = OpenAITeacher(c, recipe.generate, tok, c.model)
+        work.append((key, prompt, chat_messages(*teacher_chat(messages, recipe)), ids))
+    teacher = OpenAITeacher(c, recipe.generate, tok, view.source.name)
     t0 = time.time()
     try:
         teacher.run(work, cache)
