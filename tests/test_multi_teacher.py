@@ -139,6 +139,7 @@ def test_wider_rows_are_cut_to_the_narrowest_keeping_their_mass():
               "tail_logprob": [-2.2]}
 
     class View:  # Teachers.student_rows without models: only the cut and the explain pass-through
+        width = 4
         views = [type("Single", (), {"student_rows": staticmethod(lambda rows, examples: rows)})()]
 
     cut, same = Teachers.student_rows(View(), [wide, narrow], [None, None])

@@ -84,7 +84,11 @@ class Teachers:
             view.source = dataclasses.replace(view.source, name=member.name)  # what rows record as their teacher
             self.members.append(single)
             self.views.append(view)
-        self.recipe, self.source, self.tokenizer = self.members[0], self.views[0].source, self.views[0].tokenizer
+        self.recipe, self.tokenizer = self.members[0], self.views[0].tokenizer
+        # The report's "teacher" column: every teacher's rows, the first one's model for size and speed.
+        names = ", ".join(m.name for m in recipe.teachers)
+        self.source = dataclasses.replace(self.views[0].source,
+                                          name=f"{self.mode}: {names} (size, speed: {recipe.teachers[0].name})")
         vocab = self.tokenizer.get_vocab()
         for i, view in enumerate(self.views[1:], 1):
             if view.tokenizer.get_vocab() != vocab:
@@ -92,6 +96,10 @@ class Teachers:
                 raise DistilError(f"this teacher's tokenizer differs from the first teacher's ({len(view.tokenizer):,} vs "
                                   f"{len(self.tokenizer):,} tokens); several teachers must share one tokenizer",
                                   field=f"teachers.{i}.{key}")
+        # Alternatives per token every row is cut to: what the stingiest teacher keeps (an endpoint keeps
+        # top_logprobs, at least 1: a text-only row is one-hot).
+        self.width = min(max(m.top_logprobs, 1) if m.type == "openai" else recipe.generate.top_k
+                         for m in recipe.teachers)
         shares = [m.weight if m.weight is not None else 1.0 for m in recipe.teachers]
         self.weights = [w / sum(shares) for w in shares]
         self.name = "+".join(m.name for m in recipe.teachers)
@@ -147,8 +155,7 @@ class Teachers:
         rows keep their `width` most likely entries and add the rest to the tail, so every row keeps its
         mass and claims nothing its teacher did not say.
         """
-        width = min((len(r["topk_ids"][0]) for r in rows if r["topk_ids"]), default=0)
-        return self.views[0].student_rows([narrow_row(r, width) for r in rows], examples)
+        return self.views[0].student_rows([narrow_row(r, self.width) for r in rows], examples)
 
     def load_model(self):
         return self.views[0].load_model()
