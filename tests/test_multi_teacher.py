@@ -245,6 +245,8 @@ teachers:
     (TWO.replace("category: coding", "topic: coding"), "teachers.0.when.topic", 4, "category"),
     (TWO.replace("    model: some/b\n", "    modle: some/b\n"), "teachers.1.modle", 6, "'model'"),
     ("teachers_mode: route\n", "teacher", None, "missing"),
+    ("teacher:\n  model: some/c\nteachers_mode: ensemble\n", "teachers_mode", 3, "only applies"),
+    ("teachers:\n  - name: a\n    model: some/a\n", "teachers", 1, "at least 2"),
 ])
 def test_recipe_errors_name_the_key_and_line(tmp_path, text, field, line, words):
     path = tmp_path / "r.yaml"
