@@ -160,8 +160,8 @@ def check_writable(folder: Path, field: str) -> None:
         raise DistilError(f"cannot write to this folder: {e.strerror or e}", file=str(folder), field=field) from None
 
 
-def _check_student(recipe: Recipe, view: TeacherPrompts) -> None:
-    """The student can learn from this teacher in the way the recipe asks (see models.check_pairing).
+def _check_student(view: TeacherPrompts) -> None:
+    """The student can learn from the view's teacher in the way its recipe asks (see models.check_pairing).
 
     With several teachers, from the first one (whose model builds the student and teaches online).
     """
@@ -265,7 +265,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
 
     train_ex, _ = load_data(recipe)
     view = teacher_view(recipe)
-    _check_student(recipe, view)
+    _check_student(view)
     check_writable(recipe.out_dir, "out")
     keys = view.keys(train_ex)
     rows = view.student_rows(_cached_rows(recipe, keys, "train"), train_ex)
@@ -363,7 +363,7 @@ def run(recipe: Recipe) -> dict:
     finished work is skipped."""
     if recipe.task == "causal_lm":  # fail on a bad pairing before the teacher's work, not after
         load_data(recipe)
-        _check_student(recipe, teacher_view(recipe))
+        _check_student(teacher_view(recipe))
         check_writable(recipe.out_dir, "out")
     timings = {}
     t = time.time()
