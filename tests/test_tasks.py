@@ -296,3 +296,80 @@ def test_embedding_student_keeps_teacher_layers_when_width_is_kept(tiny_sentence
     with pytest.raises(DistilError) as e:
         build_student(teacher, EmbeddingStudent(layers=[5]))
     assert e.value.field == "student.layers"
+
+
+# ----------------------------------------------------------------------------- resume
+
+def _killed_then_resumed(recipe, monkeypatch, kill_at: int) -> dict:
+    """Train until the checkpoint of step `kill_at` is written, die there, then train again with resume."""
+    from distil import pipeline
+    from distil.tasks import common
+
+    original = common._save_checkpoint
+
+    def save_then_die(folder, step, *args, **kwargs):
+        original(folder, step, *args, **kwargs)
+        if step == kill_at:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(common, "_save_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.train(recipe)
+    assert not (recipe.out_dir / "student").exists()
+    return pipeline.train(recipe, resume=True)
+
+
+def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_classification_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
+    from distil import pipeline
+    from distil.tasks.classification import load_model
+
+    for name, n, seed in (("train", 240, 0), ("eval", 30, 1)):
+        x, y = _images(n, seed)
+        np.savez(tmp_path / f"{name}.npz", x=x, y=y)
+    data = _cls_dict(tmp_path)
+    data["student"]["args"]["dropout"] = 0.3  # the RNG state must be restored too
+    data["train"]["checkpoint_every"] = 3
+    data["eval"] = {"baseline": False}
+    runs = {}
+    for name in ("A", "B"):
+        runs[name] = load_recipe(_write(tmp_path / f"{name}.yaml", {**data, "out": str(tmp_path / name)}))
+    pipeline.generate(runs["A"])
+    full = pipeline.train(runs["A"])["student"]
+    assert full["steps"] == 16 and full["resumed_from"] == 0
+    resumed = _killed_then_resumed(runs["B"], monkeypatch, kill_at=9)["student"]  # epoch 2, mid-way
+    assert resumed["resumed_from"] == 9 and resumed["final_loss"] == full["final_loss"]
+    _assert_same_state(load_model(tmp_path / "A/student"), load_model(tmp_path / "B/student"))
+    log_a, log_b = ((tmp_path / n / "train_student.jsonl").read_text() for n in "AB")
+    assert log_a == log_b  # each logged step once, with the same losses
+
+
+def test_embedding_resumed_run_equals_uninterrupted(tmp_path, tiny_sentence_transformer, monkeypatch):
+    from sentence_transformers import SentenceTransformer
+
+    from distil import pipeline
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in _sentences(80, 0)))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in _sentences(10, 1)))
+    data = {"task": "embedding", "teacher": {"model": str(tiny_sentence_transformer)},
+            "student": {"layers": [0], "hidden_size": 16},
+            "data": {"train": "train.jsonl", "eval": "eval.jsonl"},
+            "train": {"epochs": 2, "batch_size": 16, "warmup": 2, "checkpoint_every": 2},
+            "cache": str(tmp_path / "cache")}
+    runs = {name: load_recipe(_write(tmp_path / f"{name}.yaml", {**data, "out": str(tmp_path / name)})) for name in "AB"}
+    pipeline.generate(runs["A"])
+    full = pipeline.train(runs["A"])["student"]
+    assert full["steps"] == 10
+    resumed = _killed_then_resumed(runs["B"], monkeypatch, kill_at=6)["student"]
+    assert resumed["resumed_from"] == 6 and resumed["final_loss"] == full["final_loss"]
+    _assert_same_state(SentenceTransformer(str(tmp_path / "A/student"), device="cpu"),
+                       SentenceTransformer(str(tmp_path / "B/student"), device="cpu"))
+    # without --resume, a fresh run starts over (and still ends the same)
+    assert pipeline.train(runs["B"].model_copy(update={"out": str(tmp_path / "C")}))["student"]["resumed_from"] == 0

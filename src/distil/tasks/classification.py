@@ -254,7 +254,7 @@ def train(recipe: ClassificationRecipe, resume: bool = False) -> dict:
     runs = [("student", cfg.alpha)] + ([("baseline", 1.0)] if recipe.eval.baseline else [])
     summaries = {}
     for name, alpha in runs:
-        settings = cfg.model_dump(exclude={"alpha", "temperature"} if alpha == 1.0 else None)
+        settings = cfg.model_dump(exclude={"checkpoint_every"} | ({"alpha", "temperature"} if alpha == 1.0 else set()))
         key = common.fingerprint(s.model_dump(), settings, alpha, train_split.digest(),
                                  common.tensor_digest(soft) if alpha < 1.0 else None)
         folder = recipe.out_dir / name
@@ -273,7 +273,9 @@ def train(recipe: ClassificationRecipe, resume: bool = False) -> dict:
         n = min(cfg.examples or len(train_split), len(train_split))
         summary = common.fit(model, loss_fn, n, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                              weight_decay=cfg.weight_decay, warmup=cfg.warmup, max_grad_norm=cfg.max_grad_norm,
-                             seed=cfg.seed, name=name, log_path=recipe.out_dir / f"train_{name}.jsonl")
+                             seed=cfg.seed, name=name, log_path=recipe.out_dir / f"train_{name}.jsonl",
+                             checkpoints=recipe.out_dir / "checkpoints" / name, checkpoint_every=cfg.checkpoint_every,
+                             resume=resume, fingerprint=key)
         summary["alpha"] = alpha
         save_model(model, folder, s.model, s.args, len(train_split.classes), {"fingerprint": key, "summary": summary})
         summaries[name] = summary

@@ -230,7 +230,8 @@ def train(recipe: EmbeddingRecipe, resume: bool = False) -> dict:
     teacher.max_seq_length = recipe.data.max_length
     target = _cached(recipe, identity, sentences, held_out)["train"]
     cfg = recipe.train
-    key = common.fingerprint(recipe.student.model_dump(), cfg.model_dump(), identity, sentences, recipe.data.max_length)
+    key = common.fingerprint(recipe.student.model_dump(), cfg.model_dump(exclude={"checkpoint_every"}), identity,
+                             sentences, recipe.data.max_length)
     folder = recipe.out_dir / "student"
     marker = folder / "distil_train.json"
     if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == key:
@@ -247,7 +248,9 @@ def train(recipe: EmbeddingRecipe, resume: bool = False) -> dict:
     recipe.out_dir.mkdir(parents=True, exist_ok=True)
     summary = common.fit(student, loss_fn, len(sentences), epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                          weight_decay=cfg.weight_decay, warmup=cfg.warmup, max_grad_norm=cfg.max_grad_norm,
-                         seed=cfg.seed, name="student", log_path=recipe.out_dir / "train_student.jsonl")
+                         seed=cfg.seed, name="student", log_path=recipe.out_dir / "train_student.jsonl",
+                         checkpoints=recipe.out_dir / "checkpoints" / "student",
+                         checkpoint_every=cfg.checkpoint_every, resume=resume, fingerprint=key)
 
     def write(tmp: Path):
         student.save(str(tmp))
