@@ -373,3 +373,94 @@ def test_embedding_resumed_run_equals_uninterrupted(tmp_path, tiny_sentence_tran
                        SentenceTransformer(str(tmp_path / "B/student"), device="cpu"))
     # without --resume, a fresh run starts over (and still ends the same)
     assert pipeline.train(runs["B"].model_copy(update={"out": str(tmp_path / "C")}))["student"]["resumed_from"] == 0
+
+
+# ----------------------------------------------------------------------------- export
+# Tolerances: hf is the same float32 model (identical outputs); ONNX runs the same float32 graph
+# in onnxruntime (operator order differs: < 1e-4 on logits of order 1-10, < 1e-5 on unit-norm
+# embeddings); int8 from disk reproduces the in-memory `quantize_dynamic` model exactly, and stays
+# within a loose bound of float32 (weights and activations rounded to 8 bits).
+
+def _assert_exports(source: Path, exports: dict, probe, run_source, run_artifact) -> None:
+    """Each artifact against the fp32 source on `probe` (see the tolerances above)."""
+    from distil.export import _quantize_dynamic
+    from distil.tasks.export import TaskRuntime, load_int8_task, load_source
+
+    ref = run_source(TaskRuntime(source), probe)
+    labels = [r["label"] for r in exports["rows"]]
+    assert labels == ["hf", "onnx", "int8"]
+    for row in exports["rows"]:
+        got = run_artifact(TaskRuntime(row["path"]), probe)
+        if row["format"] == "hf":
+            assert torch.equal(got, ref)
+        elif row["format"] == "onnx":
+            assert (got - ref).abs().max() < 1e-4
+        else:
+            in_memory = TaskRuntime(source)
+            in_memory.model = _quantize_dynamic(load_source(source)[0])
+            assert torch.equal(got, run_source(in_memory, probe))
+            assert isinstance(load_int8_task(row["path"]), torch.nn.Module)
+        assert row["size_bytes"] > 0 and set(row["metrics"]) >= set(exports["reference"]["metrics"])
+
+
+def test_classification_export_formats_load_back_and_join_the_report(tmp_path):
+    from distil import pipeline
+
+    for name, n, seed in (("train", 120, 0), ("eval", 40, 1)):
+        x, y = _images(n, seed)
+        np.savez(tmp_path / f"{name}.npz", x=x, y=y)
+    data = {**_cls_dict(tmp_path), "export": {"formats": ["hf", "onnx", "int8"]}, "eval": {"baseline": False}}
+    data["student"] = {"model": "factory:cnn", "args": {"channels": [4], "hidden": 8, "image_size": 8}}
+    result = pipeline.run(load_recipe(_write(tmp_path / "r.yaml", data)))
+    exports = result["exports"]
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    assert report["exports"]["reference"]["metrics"]["accuracy"] == pytest.approx(report["models"]["student"]["accuracy"])
+    hf = exports["rows"][0]["metrics"]
+    assert hf["student_agreement"] == 1.0 and hf["max_abs_logit_diff"] == 0.0
+    assert exports["rows"][1]["metrics"]["student_agreement"] == 1.0  # onnx
+    assert "Exports" in (tmp_path / "out/report.html").read_text()
+    x, _ = _images(5, 7)
+    _assert_exports(tmp_path / "out/student", exports, torch.from_numpy(x),
+                    lambda rt, p: rt.logits(p), lambda rt, p: rt.logits(p))
+    with pytest.raises(DistilError) as e:
+        from distil.tasks.export import export_task_model
+        export_task_model(tmp_path / "out/student", "gguf", tmp_path / "x")
+    assert e.value.field == "format"
+
+
+def test_embedding_export_formats_load_back_and_join_the_report(tmp_path, tiny_sentence_transformer):
+    from sentence_transformers import SentenceTransformer
+
+    from conftest import run_cli
+    from distil import pipeline
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in _sentences(48, 0)))
+    held = [{"q": q, "d": d, "label": "xyz"[i % 3]} for i, (q, d) in enumerate(zip(_sentences(12, 1), _sentences(12, 2)))]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
+    recipe = load_recipe(_write(tmp_path / "e.yaml", {
+        "task": "embedding", "teacher": {"model": str(tiny_sentence_transformer)},
+        "student": {"layers": [1], "hidden_size": 16},
+        "data": {"train": "train.jsonl", "eval": "eval.jsonl", "query_field": "q", "document_field": "d",
+                 "label_field": "label"},
+        "train": {"epochs": 1, "batch_size": 16, "warmup": 0}, "eval": {"speed_sentences": 16, "recall_at": [1, 5]},
+        "export": {"formats": ["hf", "onnx", "int8"]},
+        "out": str(tmp_path / "out"), "cache": str(tmp_path / "cache")}))
+    exports = pipeline.run(recipe)["exports"]
+    student = tmp_path / "out/student"
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    assert report["exports"]["reference"]["metrics"]["recall@1"] == pytest.approx(report["models"]["student"]["recall@1"])
+    onnx, int8 = exports["rows"][1]["metrics"], exports["rows"][2]["metrics"]
+    assert onnx["cosine_to_student"] > 0.99999 and int8["cosine_to_student"] > 0.9
+    probe = _sentences(6, 9)
+    _assert_exports(student, exports, probe, lambda rt, p: rt.encode(p), lambda rt, p: rt.encode(p))
+    # the hf export is a plain sentence-transformers folder, and the runtime tokenizes as it does
+    loaded = SentenceTransformer(exports["rows"][0]["path"], device="cpu").encode(probe, convert_to_tensor=True)
+    onnx_emb = __import__("distil.tasks.export", fromlist=["x"]).TaskRuntime(exports["rows"][1]["path"]).encode(probe)
+    assert (loaded - onnx_emb).abs().max() < 1e-5
+
+    # `distil export` on a task student: written, loaded back in onnxruntime, compared with the source
+    proc = run_cli("export", "--model", str(student), "--format", "onnx", "--out", str(tmp_path / "cli-onnx"),
+                   env_extra={"PYTHONPATH": str(REPO / "src")})
+    assert proc.returncode == 0, proc.stderr
+    check = json.loads(proc.stdout)["check"]
+    assert check["kind"] == "sentence" and check["max_abs_diff"] < 1e-5 and check["min_cosine"] > 0.99999

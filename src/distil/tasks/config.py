@@ -13,7 +13,15 @@ from pydantic import Field
 from distil.recipe import Recipe, _Section
 
 
+class TaskExport(_Section):
+    """Artifacts written from <out>/student by `distil export` / at the end of `distil run`, each
+    loaded back in its runtime and scored with the task's metrics into the report."""
+    formats: list[Literal["hf", "onnx", "int8"]] = Field(default_factory=list,
+                                                         description="formats to export (none by default)")
+
+
 class _TaskRecipe(_Section):
+    export: TaskExport = TaskExport()
     out: str = "runs/task"
     cache: str | None = Field(None, description="teacher cache directory (default: $DISTIL_HOME/teacher-cache)")
     source: str | None = Field(None, exclude=True)
