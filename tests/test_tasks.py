@@ -464,3 +464,76 @@ def test_embedding_export_formats_load_back_and_join_the_report(tmp_path, tiny_s
     assert proc.returncode == 0, proc.stderr
     check = json.loads(proc.stdout)["check"]
     assert check["kind"] == "sentence" and check["max_abs_diff"] < 1e-5 and check["min_cosine"] > 0.99999
+
+
+# ----------------------------------------------------------------------------- text classification
+
+def _topic(words: list[str]) -> str:
+    if {"cat", "dog", "bird", "fish"} & set(words):
+        return "animal"
+    return "colour" if {"blue", "red", "green"} & set(words) else "other"
+
+
+def test_text_classification_with_sequence_classifiers_end_to_end(tmp_path):
+    """A tiny BERT AutoModelForSequenceClassification teacher (fine-tuned on hard labels first) and a
+    narrower 1-layer student from its config: generate -> train -> eval -> export, its KL + CE loss
+    against a float64 reference, and every export loaded back and compared."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from distil import pipeline
+    from distil.tasks.classification import load_model, load_split, logits_of
+    from distil.tasks.export import TaskRuntime
+
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "?", "."] + WORDS) + "\n")
+    tokenizer = BertTokenizerFast(vocab=str(tmp_path / "vocab.txt"))
+    torch.manual_seed(0)
+    bert = tmp_path / "bert"
+    BertForSequenceClassification(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=64, max_position_embeddings=32,
+                                             num_labels=3)).save_pretrained(bert)
+    tokenizer.save_pretrained(bert)
+    for name, n, seed in (("train.jsonl", 192, 0), ("eval.jsonl", 48, 1)):
+        rows = [{"text": s, "label": _topic(s.split())} for s in _sentences(n, seed)]
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = {"task": "classification",
+            "teacher": {"model": str(bert), "train": {"epochs": 10, "batch_size": 16, "lr": 3e-3, "warmup": 0}},
+            "student": {"model": str(bert), "config": {"num_hidden_layers": 1, "hidden_size": 16,
+                                                       "num_attention_heads": 2, "intermediate_size": 32}},
+            "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_length": 12},
+            "train": {"epochs": 3, "batch_size": 16, "lr": 3e-3, "warmup": 0, "temperature": 2.0, "alpha": 0.5},
+            "eval": {"baseline": False}, "export": {"formats": ["hf", "onnx", "int8"]},
+            "out": str(tmp_path / "out"), "cache": str(tmp_path / "cache")}
+    recipe = load_recipe(_write(tmp_path / "r.yaml", data))
+    assert pipeline.generate(recipe)["generated"] == 240
+    assert pipeline.train(recipe)["student"]["steps"] == 36
+    report = pipeline.evaluate(recipe)
+    t, s = report["models"]["teacher"], report["models"]["student"]
+    assert t["accuracy"] > 0.7 and s["params"] < t["params"]  # the teacher learned the topics (majority class: 46%)
+    assert report["classes"] == ["animal", "colour", "other"] and "teacher_agreement" in s
+    exports = pipeline.export(recipe)
+
+    # the trained student's KD loss on a training batch, against float64 arithmetic
+    from distil.tasks.classification import _cached_logits
+    train_split, held_out = load_split(recipe, "train", tokenizer), load_split(recipe, "eval", tokenizer)
+    teacher_logits = _cached_logits(recipe, train_split, held_out)["train"][:16]
+    student = load_model(tmp_path / "out/student", is_text=True)
+    batch, y = train_split.take(torch.arange(16)), train_split.y[:16]
+    with torch.no_grad():
+        z32 = logits_of(student, batch)
+        z64 = logits_of(student.double(), batch)
+    T, alpha = 2.0, 0.5
+    p_t = torch.softmax(teacher_logits.double() / T, -1)
+    kl = (p_t * (torch.log(p_t) - torch.log_softmax(z64 / T, -1))).sum(-1).mean()
+    ce = -torch.log_softmax(z64, -1).gather(1, y[:, None]).mean()
+    reference = alpha * ce + (1 - alpha) * T ** 2 * kl
+    got = soft_label_kd(z32, teacher_logits, y, temperature=T, alpha=alpha).double()
+    assert torch.allclose(got, reference, rtol=1e-5, atol=1e-6)
+
+    # exports: the student folder carries its tokenizer, so each artifact tokenizes for itself
+    assert (tmp_path / "out/student/tokenizer.json").exists()
+    probe = held_out.take(torch.arange(6))
+    _assert_exports(tmp_path / "out/student", exports, probe, lambda rt, p: rt.logits(p), lambda rt, p: rt.logits(p))
+    assert TaskRuntime(exports["rows"][1]["path"]).kind == "sequence"
+    assert exports["rows"][1]["metrics"]["accuracy"] == pytest.approx(s["accuracy"])
+    html = (tmp_path / "out/report.html").read_text()
+    assert "Exports" in html and "Confusion matrices" in html
