@@ -67,6 +67,14 @@ def test_task_recipe_errors_name_file_line_and_field(tmp_path):
         load_recipe(_write(tmp_path / "r.yaml", {**_cls_dict(tmp_path), "task": "clasification"}))
     assert e.value.field == "task"
 
+    with pytest.raises(DistilError) as e:  # GGUF is for causal LMs only
+        load_recipe(_write(tmp_path / "r.yaml", {**_cls_dict(tmp_path), "export": {"formats": ["onnx", "gguf"]}}))
+    assert e.value.field == "export.formats.1" and e.value.line is not None
+    assert load_recipe(_write(tmp_path / "r.yaml", _cls_dict(tmp_path)), ["export.formats=[hf,int8]"]).export.formats == ["hf", "int8"]
+    with pytest.raises(DistilError) as e:
+        load_recipe(_write(tmp_path / "r.yaml", _cls_dict(tmp_path)), ["train.checkpoint_every=-1"])
+    assert e.value.field == "train.checkpoint_every"
+
     emb = {"task": "embedding", "teacher": {"model": "x"}, "student": {"hidden_size": 8}, "data": {"train": "a", "eval": "b"}}
     with pytest.raises(DistilError) as e:
         load_recipe(_write(tmp_path / "e.yaml", emb))
