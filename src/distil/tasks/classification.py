@@ -368,7 +368,7 @@ def evaluate(recipe: ClassificationRecipe) -> dict:
 def export(recipe: ClassificationRecipe) -> dict:
     """Write export.formats from <out>/student into <out>/exports, load each back in its runtime and
     score it on the held-out split like the fp32 student; rows go into report.json / report.html."""
-    from distil.tasks.export import TaskRuntime, add_to_report, export_all, rows_for
+    from distil.tasks.export import TaskRuntime, add_to_report, export_all, folder_size, rows_for
 
     folder = recipe.out_dir / "student"
     if not (folder / "distil_train.json").exists():
@@ -394,7 +394,7 @@ def export(recipe: ClassificationRecipe) -> dict:
     reference_runtime = TaskRuntime(folder)
     metrics, reference_logits = score(reference_runtime)
     reference = {"label": "student (fp32)", "format": "hf", "runtime": reference_runtime.runtime, "path": str(folder),
-                 "metrics": metrics}
+                 "size_bytes": folder_size(folder), "metrics": metrics}
     exports = {"reference": reference, "rows": rows_for(reference, artifacts, lambda r: score(r)[0]),
                "note": f"{len(held_out)} held-out examples, batch {bs}, {torch.get_num_threads()} torch threads; "
                        "student_agreement and max_abs_logit_diff compare with the fp32 student's logits."}

@@ -367,7 +367,7 @@ def export(recipe: EmbeddingRecipe) -> dict:
     """Write export.formats from <out>/student into <out>/exports, load each back in its runtime and
     score it on the held-out rows like the fp32 student (retrieval, kNN, cosine to the fp32
     student's embeddings, sentences/s); rows go into report.json / report.html."""
-    from distil.tasks.export import TaskRuntime, add_to_report, export_all, rows_for
+    from distil.tasks.export import TaskRuntime, add_to_report, export_all, folder_size, rows_for
 
     d, e = recipe.data, recipe.eval
     folder = recipe.out_dir / "student"
@@ -400,7 +400,7 @@ def export(recipe: EmbeddingRecipe) -> dict:
     reference_runtime = TaskRuntime(folder)
     metrics, reference_emb = score(reference_runtime)
     reference = {"label": "student (fp32)", "format": "hf", "runtime": reference_runtime.runtime, "path": str(folder),
-                 "metrics": metrics}
+                 "size_bytes": folder_size(folder), "metrics": metrics}
     exports = {"reference": reference, "rows": rows_for(reference, artifacts, lambda r: score(r)[0]),
                "note": f"{len(sentences)} held-out sentences, batch {e.batch_size}, {torch.get_num_threads()} torch "
                        "threads, tokenized by each artifact's own tokenizer; cosine_to_student and max_abs_diff "

@@ -213,7 +213,12 @@ def export_task_model(folder: Path | str, fmt: str, out: Path | str) -> Exported
     (tmp / MARKER).write_text(json.dumps({"format": fmt, "kind": kind, "source": str(folder)}, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    return Exported(fmt, out, None, size_on_disk(out) + sum(size_on_disk(d) for d in out.iterdir() if d.is_dir()))
+    return Exported(fmt, out, None, folder_size(out))
+
+
+def folder_size(folder: Path) -> int:
+    """Bytes of the weight files in a model folder and its module sub-folders (configs not counted)."""
+    return size_on_disk(folder) + sum(size_on_disk(d) for d in Path(folder).iterdir() if d.is_dir())
 
 
 # ----------------------------------------------------------------------------- runtimes
@@ -230,7 +235,9 @@ class TaskRuntime:
         if self.format == "onnx":
             require("onnxruntime", "onnx")
             import onnxruntime as ort
-            self.session = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()  # timed against torch on the same threads
+            self.session = ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
             self.names = [i.name for i in self.session.get_inputs()]
         elif self.format == "int8":
             self.model = load_int8_task(path)
