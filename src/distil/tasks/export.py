@@ -9,12 +9,13 @@ Formats (a folder each, with `distil_export.json` saying format and model kind):
         output `logits` (classifiers) or `sentence_embedding` (pooled, projected, normalised);
   int8  torch dynamic int8 quantization of every Linear layer (`distil.export`'s plain-tensor
         format: int8 weights, per-channel scales and zero points in model.int8.safetensors; no
-        pickle). A sentence-transformers export keeps the module folders, its encoder's
-        model.safetensors holding only the tensors that are not int8 Linear weights.
+        pickle). A sentence-transformers export keeps the module folders, so `SentenceTransformer`
+        can build the skeleton: its encoder's model.safetensors holds only the tensors that are
+        not int8 Linear weights (a Dense module keeps its small float32 file as well).
 
-`open_task_runtime` loads any of them (and the fp32 source) behind one interface:
-`logits(x)` for classifiers, `encode(sentences)` for embedders, so `score_exports` runs the
-same metrics on every artifact and on the fp32 student.
+`TaskRuntime` loads any of them (and the fp32 source) behind one interface: `logits(x)` for
+classifiers, `encode(sentences)` for embedders, so the task modules' `export` stage scores every
+artifact and the fp32 student with the same metric code (`rows_for`, `add_to_report`).
 """
 
 from __future__ import annotations
