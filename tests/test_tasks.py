@@ -198,6 +198,11 @@ def test_classification_with_hugging_face_image_classifiers(tmp_path):
     held_out = load_split(recipe, "eval")
     logits, _ = predict(load_model(tmp_path / "out/student"), held_out, 16)
     assert float((logits.argmax(-1) == held_out.y).float().mean()) == pytest.approx(report["models"]["student"]["accuracy"])
+    # exports of an AutoModelForImageClassification student load back in onnxruntime / torch int8
+    exports = pipeline.export(recipe.model_copy(update={"export": recipe.export.model_copy(
+        update={"formats": ["hf", "onnx", "int8"]})}))
+    _assert_exports(tmp_path / "out/student", exports, held_out.x[:4], lambda rt, p: rt.logits(p),
+                    lambda rt, p: rt.logits(p))
 
     data["student"]["config"] = {"hidden_sise": 8}
     recipe = load_recipe(_write(tmp_path / "r.yaml", data))
