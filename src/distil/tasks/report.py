@@ -29,7 +29,15 @@ def _fmt(key: str, value) -> str:
         return f"{int(value):,}"
     if kind == "f1":
         return f"{value:.1f}"
-    return f"{value:.4f}"
+    return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.2e}"
+
+
+def _change(key: str, value: float) -> str:
+    """A change against the fp32 student: percentage points for rates, else the metric's own format."""
+    sign = "+" if value >= 0 else ""
+    if _FORMATS.get(key, "pct" if key.startswith("recall@") else "f4") == "pct":
+        return f"{sign}{100 * value:.2f} pts"
+    return sign + _fmt(key, value)
 
 
 def _confusion_plot(matrix: list[list[int]], classes: list[str], title: str) -> str:
@@ -64,7 +72,7 @@ def _exports_section(exports: dict) -> list[str]:
             cell = _fmt(k, r["metrics"].get(k))
             change = r.get("change", {}).get(k)
             if change is not None and k not in ("examples_per_s", "sentences_per_s"):
-                cell += f" ({'+' if change >= 0 else ''}{_fmt(k, change)})"
+                cell += f" ({_change(k, change)})"
             cells.append(cell)
         table.append([_e(k)] + cells)
     return ["<h2>Exports</h2>", f"<p>{_e(exports.get('note', ''))}</p>",
