@@ -550,3 +550,16 @@ def test_text_classification_with_sequence_classifiers_end_to_end(tmp_path):
     assert exports["rows"][1]["metrics"]["accuracy"] == pytest.approx(s["accuracy"])
     html = (tmp_path / "out/report.html").read_text()
     assert "Exports" in html and "Confusion matrices" in html
+
+
+def test_a_task_without_its_extra_installed_says_which_to_install(monkeypatch):
+    import importlib.util
+
+    from distil import tasks
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real(name, *a))
+    tasks.require_extra("classification")  # needs sklearn only
+    with pytest.raises(DistilError) as e:
+        tasks.require_extra("embedding")
+    assert "scipy" in str(e.value) and "distil[tasks]" in str(e.value) and "task" in str(e.value)

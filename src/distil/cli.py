@@ -146,8 +146,12 @@ def export_cmd(model: str = typer.Option(..., "--model", help="A Hugging Face mo
     from distil.export import export_model
     from distil.tasks.export import model_kind
 
-    if model_kind(model) is not None:  # a classification or embedding student
+    kind = model_kind(model)
+    if kind is not None:  # a classification or embedding student
+        from distil.tasks import require_extra
         from distil.tasks.export import compare_with_source, export_task_model
+
+        require_extra("embedding" if kind == "sentence" else "classification")
 
         if quant is not None:
             raise DistilError("--quant applies to GGUF (causal LMs) only", field="--quant")
