@@ -330,6 +330,8 @@ def evaluate(recipe: Recipe) -> dict:
 def export(recipe: Recipe) -> dict:
     """Write the recipe's `export.formats` from <out>/student into <out>/exports, score each with the
     student's metrics and add them to report.json / report.html (key "exports")."""
+    if recipe.task != "causal_lm":
+        return tasks.stage(recipe, "export")
     from distil.deploy_eval import add_to_report, evaluate_artifacts
     from distil.export import export_model
 
