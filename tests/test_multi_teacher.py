@@ -15,7 +15,6 @@ from distil import pipeline
 from distil.cache import TeacherCache
 from distil.errors import DistilError
 from distil.explain import final_answer, teacher_chat
-from distil.losses import sparse_forward_kl
 from distil.recipe import load_recipe
 from distil.teachers.local import topk_with_tail
 from distil.teachers.many import Teachers, mix_log_probs
