@@ -417,7 +417,7 @@ def test_objective_uses_the_recipe_divergence(tiny_model_dir, loss):
     rows = [g.__dict__ for g in generate_batch(model, prompts, pad_id=0, stop_ids={3}, max_new_tokens=5, top_k=4)]
     batch = collate(rows, 0)
     params = {"jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}}.get(loss, {})
-    objective = DistillationObjective(model, alpha=0.25, temperature=1.5, loss=loss, loss_params=params)
+    objective = DistillationObjective(model, alpha=0.25, temperature=1.5, loss=loss, loss_params={loss: params})
     with torch.no_grad():
         total, ce, kd, _ = objective(batch)
         hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
@@ -441,3 +441,35 @@ def test_baseline_is_not_retrained_when_only_the_divergence_changes(cached, tmp_
     again = pipeline.train(cached(f"out={tmp_path / 'run'}", "train.loss=reverse_kl", "train.alpha=0.3"))
     assert not first["baseline"].get("skipped") and again["baseline"].get("skipped")
     assert not again["student"].get("skipped")
+
+
+def test_a_weighted_sum_of_divergences_is_the_sum_of_its_parts(tiny_model_dir):
+    """train.loss: {forward_kl: 0.6, tvd: 0.4} gives kd = 0.6 * forward KL + 0.4 * TVD (each its own sparse function)."""
+    from distil.losses import sparse_forward_kl, sparse_tvd
+    from distil.teachers.local import generate_batch
+
+    model = models.load_causal_lm(tiny_model_dir, device="cpu")
+    rows = [g.__dict__ for g in generate_batch(model, [[5, 6, 7], [8, 9, 10, 11]], pad_id=0, stop_ids={3},
+                                               max_new_tokens=5, top_k=4)]
+    batch = collate(rows, 0)
+    objective = DistillationObjective(model, alpha=0.25, temperature=1.5, loss={"forward_kl": 0.6, "tvd": 0.4})
+    with torch.no_grad():
+        _, _, kd, _ = objective(batch)
+        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        logits = model.get_output_embeddings()(hidden.flatten(0, 1)[batch.target_pos])
+        args = (logits, batch.topk_ids, batch.topk_logprobs, batch.tail_logprob)
+        expected = 0.6 * sparse_forward_kl(*args, temperature=1.5, reduction="sum") + \
+            0.4 * sparse_tvd(*args, temperature=1.5, reduction="sum")
+    assert kd.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_recipe_takes_a_weighted_sum_of_divergences(load):
+    from distil.errors import DistilError
+
+    assert load("train.loss={forward_kl: 0.5, tvd: 0.5}").train.loss == {"forward_kl": 0.5, "tvd": 0.5}
+    with pytest.raises(DistilError) as err:
+        load("train.loss={forward_kl: 0.5, tvd: -1}")
+    assert err.value.field == "train.loss.tvd" and "greater than 0" in str(err.value)
+    with pytest.raises(DistilError) as err:
+        load("train.loss={forward_kl: 0.5, kl_forward: 0.5}")
+    assert err.value.field == "train.loss.kl_forward"

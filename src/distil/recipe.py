@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
@@ -162,6 +162,9 @@ class HiddenConfig(_Section):
     weight: float = Field(1.0, gt=0, description="weight of the hidden-state loss, added to the others")
 
 
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
+
+
 class TrainConfig(_Section):
     steps: int = Field(100, gt=0)
     batch_size: int = Field(8, gt=0)
@@ -171,8 +174,9 @@ class TrainConfig(_Section):
     warmup: int = Field(10, ge=0, description="linear warmup steps")
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"] = Field(
-        "forward_kl", description="divergence to the teacher's cached top-k (docs/losses.md)")
+    loss: Divergence | dict[Divergence, Annotated[float, Field(gt=0)]] = Field(
+        "forward_kl", description="divergence to the teacher's cached top-k (docs/losses.md), or a weighted sum "
+                                  "of several, e.g. {forward_kl: 0.5, tvd: 0.5}")
     beta: float = Field(0.5, ge=0, le=1, description="jsd's mixture weight")
     skew_alpha: float = Field(0.1, ge=0, lt=1, description="skew_kl / skew_reverse_kl's mixture weight")
     temperature: float = Field(1.0, gt=0)
@@ -455,13 +459,23 @@ def _task_model(data: dict, overrides) -> type[BaseModel]:
     return Recipe
 
 
+def _field_path(loc: tuple) -> tuple:
+    """A pydantic error location as recipe keys: without union-branch tags; a dict's bad key is the field."""
+    return tuple(p for p in loc if not (isinstance(p, str) and p.startswith(("function-after", "literal[", "dict[")))
+                 and p != "[key]")
+
+
 def _validation_error(e: ValidationError, file: str, lines: dict, overridden: set,
                       root: type[BaseModel] | None = None) -> DistilError:
     errors = e.errors()
+    first = _field_path(errors[0]["loc"])
+    # A value that fits no branch of a union (a name, or a dict of names): the deepest error under the
+    # same field says what is wrong with the branch the value was meant for.
+    under_first = [x for x in errors if _field_path(x["loc"])[: len(first)] == first]
     # A misspelt key also leaves its intended key missing: name the misspelling, it is what to fix.
-    err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-after", "literal[")))
-                and p != "[key]")  # a dict's bad key: the key is the field
+    err = next((x for x in errors if x["type"] == "extra_forbidden"),
+               max(under_first, key=lambda x: len(_field_path(x["loc"]))))
+    loc = _field_path(err["loc"])
     source = "command line" if any(loc[: len(o)] == o for o in overridden) else file
     line = None if source == "command line" else next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
     if err["type"] == "extra_forbidden":

@@ -80,8 +80,9 @@ class DistillationObjective(nn.Module):
 
     Returns per call the *sums* over target tokens of (loss, cross-entropy, divergence, hidden),
     where loss = alpha * CE + (1 - alpha) * temperature**2 * D(teacher, student) + w * H, D the
-    recipe's `train.loss` (forward KL by default) over the cached top-k + tail buckets and H the
-    hidden-state loss (`train.hidden`). On-policy batches (the student wrote the text) use D alone.
+    recipe's `train.loss` (forward KL by default, or a weighted sum of divergences) over the cached
+    top-k + tail buckets and H the hidden-state loss (`train.hidden`). On-policy batches (the
+    student wrote the text) use D alone.
 
     With `hidden_pairs`, each pair (student index, teacher index) of hidden_states is compared
     per token after a learned linear projection where the widths differ. The projections belong
@@ -89,14 +90,16 @@ class DistillationObjective(nn.Module):
     """
 
     def __init__(self, student: nn.Module, *, alpha: float, temperature: float, chunk_tokens: int = 2048,
-                 loss: str = "forward_kl", loss_params: dict | None = None,
+                 loss: str | dict[str, float] = "forward_kl", loss_params: dict[str, dict] | None = None,
                  hidden_pairs: list[tuple[int, int]] = (), hidden_loss: str = "mse", hidden_weight: float = 1.0,
                  teacher_width: int | None = None):
         super().__init__()
         self.student, self.alpha, self.temperature, self.chunk_tokens = student, alpha, temperature, chunk_tokens
-        self.loss = loss
-        # forward_kl has a fast path below; the others use their exact sparse function.
-        self.sparse_divergence = None if loss == "forward_kl" else divergence(loss, **(loss_params or {}))[1]
+        # D = sum of weight * divergence over `loss` (one name: weight 1). forward_kl has a fast path
+        # below; the others use their exact sparse function with their `loss_params[name]`.
+        terms = {loss: 1.0} if isinstance(loss, str) else dict(loss)
+        self.forward_kl_weight = terms.pop("forward_kl", 0.0)
+        self.sparse_terms = [(w, divergence(name, **(loss_params or {}).get(name, {}))[1]) for name, w in terms.items()]
         self.hidden_pairs, self.hidden_loss, self.hidden_weight = list(hidden_pairs), hidden_loss, hidden_weight
         width = student.config.hidden_size
         teacher_width = teacher_width or width
@@ -112,13 +115,14 @@ class DistillationObjective(nn.Module):
         ce = -log_probs.gather(-1, targets.unsqueeze(-1)).sum()
         if alpha == 1.0:
             return ce, ce, torch.zeros_like(ce)
-        if self.sparse_divergence is not None:
-            kd = self.sparse_divergence(logits, topk_ids, topk_logprobs, tail, temperature=self.temperature,
-                                        reduction="sum")
-        else:
+        kd = torch.zeros_like(ce)
+        if self.forward_kl_weight:
             tempered = log_probs if self.temperature == 1.0 else torch.log_softmax(logits / self.temperature, dim=-1)
-            kd = sparse_forward_kl_from_log_probs(tempered, topk_ids, topk_logprobs, tail,
-                                                  temperature=self.temperature, reduction="sum")
+            kd = self.forward_kl_weight * sparse_forward_kl_from_log_probs(
+                tempered, topk_ids, topk_logprobs, tail, temperature=self.temperature, reduction="sum")
+        for weight, sparse_divergence in self.sparse_terms:
+            kd = kd + weight * sparse_divergence(logits, topk_ids, topk_logprobs, tail, temperature=self.temperature,
+                                                 reduction="sum")
         return alpha * ce + (1 - alpha) * self.temperature ** 2 * kd, ce, kd
 
     def _hidden_loss(self, student_states, teacher_states) -> torch.Tensor:
@@ -267,7 +271,7 @@ def train_student(student, rows: list[dict], cfg, *, pad_id: int, out_dir: Path,
     if teacher is not None:
         teacher.to(accelerator.device).eval().requires_grad_(False)
     loss_params = {"jsd": {"beta": cfg.beta}, "skew_kl": {"alpha": cfg.skew_alpha},
-                   "skew_reverse_kl": {"alpha": cfg.skew_alpha}}.get(cfg.loss, {})
+                   "skew_reverse_kl": {"alpha": cfg.skew_alpha}}
     objective = DistillationObjective(
         student, alpha=alpha, temperature=cfg.temperature, loss=cfg.loss, loss_params=loss_params,
         hidden_pairs=hidden.layers if hidden else (), hidden_loss=hidden.loss if hidden else "mse",
