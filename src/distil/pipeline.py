@@ -94,7 +94,11 @@ def generation_settings(recipe: Recipe) -> dict:
 
 
 class TeacherPrompts:
-    """The teacher's view of a recipe's examples: formatted prompts and their cache keys."""
+    """The teacher's view of a recipe's examples: formatted prompts and their cache keys.
+
+    `student_tokenizer` is the tokenizer the student reads: the teacher's, or with
+    train.cross_tokenizer the student's own (`student_rows` then re-expresses cache rows in it).
+    """
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
@@ -104,7 +108,13 @@ class TeacherPrompts:
         else:
             self.source = models.resolve(t.model, t.gguf_file, field="teacher.model")
         self.tokenizer = models.load_tokenizer(self.source.directory, t.trust_remote_code)
+        if t.chat_template is not None:  # e.g. a base model whose tokenizer has no template
+            self.tokenizer.chat_template = t.chat_template
         self.settings = generation_settings(recipe)
+        self.student_tokenizer = self.tokenizer
+        own = models.student_tokenizer_source(recipe.student) if recipe.train.cross_tokenizer else None
+        if own is not None:
+            self.student_tokenizer = models.load_tokenizer(own[0])
 
     def prompts(self, examples: list[Example]) -> list[str]:
         return [format_prompt(self.tokenizer, ex.messages, self.recipe.data.system_prompt) for ex in examples]
@@ -114,6 +124,37 @@ class TeacherPrompts:
 
     def load_model(self):
         return models.load_causal_lm(self.source.directory, self.recipe.teacher.dtype, self.recipe.teacher.trust_remote_code)
+
+    def student_rows(self, examples: list[Example], rows: list[dict]) -> list[dict]:
+        """Cache rows as the student reads them: unchanged, or aligned into its vocabulary (distil.align)."""
+        if self.student_tokenizer is self.tokenizer:
+            return rows
+        from distil.align import StudentAligner
+
+        aligner = StudentAligner(self.tokenizer, self.student_tokenizer, _teacher_stop_ids(self),
+                                 self.student_tokenizer.eos_token_id)
+        tok, limit = self.student_tokenizer, self.recipe.data.max_prompt_tokens
+        out = []
+        for ex, row in zip(examples, rows):
+            prompt = format_prompt(tok, ex.messages, self.recipe.data.system_prompt)
+            ids = tok(prompt, add_special_tokens=not tok.chat_template)["input_ids"][-limit:]
+            out.append(aligner.convert(row, ids))
+        self.alignment = aligner.stats.as_dict()
+        return out
+
+
+def _teacher_stop_ids(view: TeacherPrompts) -> set[int]:
+    """The teacher's stop tokens, read from its config files (no weights loaded)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        generation = GenerationConfig.from_pretrained(view.source.directory)
+    except OSError:
+        generation = GenerationConfig()
+    config = AutoConfig.from_pretrained(view.source.directory)
+    return stop_token_ids(view.tokenizer, SimpleNamespace(config=config, generation_config=generation))
 
 
 def _remote_source(recipe: Recipe) -> models.ResolvedModel:
@@ -142,11 +183,19 @@ def check_writable(folder: Path, field: str) -> None:
 def _check_student(recipe: Recipe, view: TeacherPrompts) -> None:
     """The student can learn from this teacher in the way the recipe asks (see models.check_pairing)."""
     local = recipe.teacher.type == "local"
+    cross = recipe.train.cross_tokenizer
+    if cross and (recipe.train.mode == "on_policy" or recipe.train.hidden is not None):
+        raise DistilError("train.cross_tokenizer works on cached teacher text (mode: supervised or sequence, "
+                          "no train.hidden)", field="train.hidden" if recipe.train.hidden else "train.mode")
+    if cross in ("offsets", "both") and recipe.train.loss == "reverse_kl":
+        raise DistilError("reverse_kl is infinite on cross-tokenizer targets (student ids the teacher gives no "
+                          "mass); use forward_kl, jsd, skew_kl, skew_reverse_kl or tvd", field="train.loss")
     if not local and (recipe.train.mode == "on_policy" or recipe.train.hidden is not None):
         raise DistilError("needs a local teacher (an endpoint gives neither scores for the student's own text "
                           "nor hidden states)", field="train.hidden" if recipe.train.hidden else "train.mode")
     # An endpoint teacher's size is unknown: its local stand-in only lends the tokenizer.
-    models.check_pairing(recipe.student, view.source.directory, view.tokenizer, compare_size=local)
+    models.check_pairing(recipe.student, view.source.directory, view.tokenizer, compare_size=local,
+                         cross_tokenizer=cross)
 
 
 def _cached_rows(recipe: Recipe, keys: list[str], split: str) -> list[dict]:
@@ -206,8 +255,11 @@ _DIVERGENCE_ONLY = ("alpha", "loss", "temperature", "beta", "skew_alpha", "mode"
 
 
 def _fingerprint(recipe: Recipe, keys: list[str], alpha: float) -> str:
-    train = recipe.train.model_dump(exclude=set(_DIVERGENCE_ONLY) if alpha == 1.0 else None)
-    blob = json.dumps({"student": recipe.student.model_dump(), "train": train, "alpha": alpha,
+    # Keys added for cross-tokenizer runs stay out while unset, so earlier runs keep their fingerprint.
+    unset = {k for k in ("cross_tokenizer", "uld_weight") if k not in recipe.train.model_fields_set}
+    train = recipe.train.model_dump(exclude=(set(_DIVERGENCE_ONLY) if alpha == 1.0 else set()) | unset)
+    student = recipe.student.model_dump(exclude={"from_model"} if recipe.student.from_model is None else None)
+    blob = json.dumps({"student": student, "train": train, "alpha": alpha,
                        "keys": sorted(keys)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -235,6 +287,9 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     check_writable(recipe.out_dir, "out")
     keys = view.keys(train_ex)
     rows, keys = _checked_answers(recipe, train_ex, _cached_rows(recipe, keys, "train"), keys)
+    if view.student_tokenizer is not view.tokenizer:
+        by_key = dict(zip(view.keys(train_ex), train_ex))
+        rows = view.student_rows([by_key[k] for k in keys], rows)
     # The baseline is the same student trained on the teacher's text alone.
     baseline = recipe.train.model_copy(update={"mode": "sequence", "hidden": None})
     runs = [("student", recipe.train, recipe.train.alpha)] + ([("baseline", baseline, 1.0)] if recipe.eval.baseline else [])
@@ -248,7 +303,8 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
             summaries[name] = {"skipped": True, **json.loads((folder / "distil_train.json").read_text())["summary"]}
             continue
         online = cfg.mode == "on_policy" or cfg.hidden is not None
-        if teacher is None and (recipe.student.model is None or online):
+        builds_from_teacher = recipe.student.from_teacher is not None or recipe.student.config is not None
+        if teacher is None and (builds_from_teacher or online):
             teacher = view.load_model()
         torch.manual_seed(recipe.train.seed)
         student = models.build_student(recipe.student, teacher)
@@ -259,7 +315,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
             adapters = lora.wrap_student(student, recipe.student, out / f"{name}-lora")
             student = lora.inner(adapters)
         with progress_bar() as bar:
-            summary = train_student(student, rows, cfg, pad_id=view.tokenizer.pad_token_id, out_dir=out,
+            summary = train_student(student, rows, cfg, pad_id=view.student_tokenizer.pad_token_id, out_dir=out,
                                     run_name=name, alpha=alpha, resume=resume, fingerprint=fingerprint,
                                     progress=bar, teacher=teacher if online else None,
                                     stop_ids=stop_token_ids(view.tokenizer, teacher) if online else frozenset(),
@@ -272,7 +328,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         student.save_pretrained(tmp)
-        view.tokenizer.save_pretrained(tmp)
+        view.student_tokenizer.save_pretrained(tmp)
         (tmp / "distil_train.json").write_text(json.dumps({"fingerprint": fingerprint, "alpha": alpha, "summary": summary}, indent=2))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
@@ -289,7 +345,7 @@ def evaluate(recipe: Recipe) -> dict:
     view = TeacherPrompts(recipe)
     check_writable(recipe.out_dir, "out")
     rows = _cached_rows(recipe, view.keys(eval_ex), "held-out")
-    return evaluate_run(recipe, view, eval_ex, rows)
+    return evaluate_run(recipe, view, eval_ex, view.student_rows(eval_ex, rows), teacher_rows=rows)
 
 
 def export(recipe: Recipe) -> dict:
@@ -303,15 +359,15 @@ def export(recipe: Recipe) -> dict:
         raise DistilError("no trained student found; run `distil train` first", file=str(student_dir))
     _, eval_ex = load_data(recipe)
     view = TeacherPrompts(recipe)
-    rows = _cached_rows(recipe, view.keys(eval_ex), "held-out")
+    rows = view.student_rows(eval_ex, _cached_rows(recipe, view.keys(eval_ex), "held-out"))
     artifacts = []
     for fmt in recipe.export.formats:
         for quant in (recipe.export.quant if fmt == "gguf" else [None]):
             name = f"student-{fmt}-{quant}.gguf" if quant else f"student-{fmt}"
             artifacts.append(export_model(student_dir, fmt, recipe.out_dir / "exports" / name, quant))
     model_config = json.loads((student_dir / "config.json").read_text())
-    stop_ids = {view.tokenizer.eos_token_id} | set(_as_list(model_config.get("eos_token_id")))
-    exports = evaluate_artifacts(student_dir, artifacts, view.tokenizer, rows, [ex.reference for ex in eval_ex],
+    stop_ids = {view.student_tokenizer.eos_token_id} | set(_as_list(model_config.get("eos_token_id")))
+    exports = evaluate_artifacts(student_dir, artifacts, view.student_tokenizer, rows, [ex.reference for ex in eval_ex],
                                  stop_ids={i for i in stop_ids if i is not None},
                                  max_new_tokens=recipe.eval.max_new_tokens or recipe.generate.max_new_tokens,
                                  speed_prompts=recipe.eval.speed_prompts)
