@@ -184,6 +184,9 @@ def _check_student(recipe: Recipe, view: TeacherPrompts) -> None:
     """The student can learn from this teacher in the way the recipe asks (see models.check_pairing)."""
     local = recipe.teacher.type == "local"
     cross = recipe.train.cross_tokenizer
+    if cross and not local:
+        raise DistilError("train.cross_tokenizer needs a local teacher (an endpoint's tokens are mapped to the "
+                          "student's by their bytes instead, docs/teachers.md)", field="train.cross_tokenizer")
     if cross and (recipe.train.mode == "on_policy" or recipe.train.hidden is not None):
         raise DistilError("train.cross_tokenizer works on cached teacher text (mode: supervised or sequence, "
                           "no train.hidden)", field="train.hidden" if recipe.train.hidden else "train.mode")
