@@ -254,7 +254,8 @@ def generate(recipe: Recipe) -> dict:
 
 
 # Settings the cross-entropy-only baseline ignores: changing them must not retrain it.
-_DIVERGENCE_ONLY = ("alpha", "loss", "temperature", "beta", "skew_alpha", "mode", "lambda_", "hidden")
+_DIVERGENCE_ONLY = ("alpha", "loss", "temperature", "beta", "skew_alpha", "mode", "lambda_", "hidden", "cross_tokenizer",
+                    "uld_weight")
 
 
 def _fingerprint(recipe: Recipe, keys: list[str], alpha: float) -> str:
