@@ -197,15 +197,14 @@ def _save_model(folder, tokenizer, layers: int, extra_rows: int, seed: int):
 
 @pytest.fixture
 def cross_recipe(tmp_path, toks, distil_home):
-    teacher_tok, student_tok = toks
-    teacher_tok = metaspace_teacher_tokenizer()
+    student_tok = toks[1]
+    teacher_tok = metaspace_teacher_tokenizer()  # a fresh copy: the chat template is set on it
     teacher_tok.chat_template = CHAT_TEMPLATE.replace("<|im_start|>", "").replace("<|im_end|>", "<eos>")
     teacher_dir = _save_model(tmp_path / "teacher", teacher_tok, layers=4, extra_rows=9, seed=0)
     student_src = _save_model(tmp_path / "student-src", student_tok, layers=2, extra_rows=5, seed=1)
     data = tmp_path / "data"
     data.mkdir()
-    prompts = [" ".join(SENTENCES[(i + j) % 6].split()[: 2 + (i + j) % 3]) for i in range(16) for j in range(1)]
-    prompts = [f"{p} {i}" for i, p in enumerate(prompts)]
+    prompts = [" ".join(SENTENCES[i % 6].split()[: 2 + i % 3]) + f" {i}" for i in range(16)]
     write_jsonl(data / "train.jsonl", [{"prompt": p} for p in prompts[:12]])
     write_jsonl(data / "eval.jsonl", [{"prompt": p, "reference": "the cat"} for p in prompts[12:]])
     recipe = {
@@ -253,7 +252,7 @@ def test_different_tokenizers_without_the_key_fail_before_any_work(cross_recipe,
     assert not (tmp_path / "cache").exists()  # the teacher wrote nothing
 
 
-def test_impossible_pairings_are_named(cross_recipe, load_recipe_at=None):
+def test_impossible_pairings_are_named(cross_recipe):
     from distil.pipeline import TeacherPrompts, _check_student
     from distil.recipe import load_recipe
 
