@@ -94,7 +94,8 @@ FAULTS = ("429", "500", "503", "hang", "truncated", "reset", "no-logprobs")
 
 
 def faulty_endpoint(words: list[str], *, fault_every: int | None = 10, hang_s: float = 3.0, logprobs: bool = True,
-                    die_after: int | None = None, fail_rate: float | None = None, seed: int = 0):
+                    die_after: int | None = None, fail_rate: float | None = None, seed: int = 0,
+                    scripted: dict[str, list[str]] | None = None):
     """A FastAPI app for POST /v1/chat/completions that fails `len(FAULTS)` of every `fault_every` requests.
 
     Args:
@@ -105,6 +106,8 @@ def faulty_endpoint(words: list[str], *, fault_every: int | None = 10, hang_s: f
         die_after: after this many good answers, answer 401 to everything (a permanent failure).
         fail_rate: instead of `fault_every`'s fixed pattern, each request fails with this
             probability, with a kind drawn uniformly from FAULTS (a `random.Random(seed)`).
+        scripted: instead, the requests for a prompt (the last message's text) fail with these kinds in
+            turn, one per request, and then succeed.
     Returns:
         The app; `app.state.stats` counts requests, faults by kind and good answers per prompt.
     """
@@ -124,7 +127,10 @@ def faulty_endpoint(words: list[str], *, fault_every: int | None = 10, hang_s: f
         if die_after is not None and sum(stats["answered"].values()) >= die_after:
             return JSONResponse({"error": {"message": "invalid api key", "type": "invalid_request_error",
                                            "param": None, "code": "invalid_api_key"}}, status_code=401)
-        if fail_rate is not None:
+        if scripted is not None:
+            turns = scripted.get(body["messages"][-1]["content"], [])
+            kind = turns.pop(0) if turns else None
+        elif fail_rate is not None:
             kind = drawn
         else:
             kind = FAULTS[i % fault_every] if fault_every and i % fault_every < len(FAULTS) else None

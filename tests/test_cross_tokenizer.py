@@ -260,10 +260,10 @@ def test_impossible_pairings_are_named(cross_recipe):
                              (["train.mode=on_policy"], "train.mode")):
         recipe = load_recipe(cross_recipe, overrides)
         with pytest.raises(DistilError) as e:
-            _check_student(recipe, TeacherPrompts(recipe))
+            _check_student(TeacherPrompts(recipe))
         assert e.value.field == field
     # A student that reads the teacher's own tokenizer has nothing to align.
     recipe = load_recipe(cross_recipe, ["student.from_model=null", "student.from_teacher.layers=[0]"])
     with pytest.raises(DistilError) as e:
-        _check_student(recipe, TeacherPrompts(recipe))
+        _check_student(TeacherPrompts(recipe))
     assert e.value.field == "train.cross_tokenizer"

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from distil import losses
 from distil.losses import DIVERGENCES, chunked_divergence, divergence
+from references import ref_reduce
 
 NAMES = ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -49,16 +50,6 @@ def ref_divergence(name: str, p_t: torch.Tensor, p_s: torch.Tensor, params: dict
     if name == "tvd":
         return 0.5 * (p_t - p_s).abs().sum(-1)
     raise AssertionError(name)
-
-
-def ref_reduce(per: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
-    if mask is not None:
-        per = per * mask
-    if reduction == "none":
-        return per
-    if reduction == "sum":
-        return per.sum()
-    return per.sum() / (mask.sum() if mask is not None else per.numel())
 
 
 def ref_teacher_targets(teacher_logits: torch.Tensor, k: int):

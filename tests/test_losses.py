@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -11,22 +9,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from distil.losses import bucket_student, bucket_teacher, cross_entropy, sparse_forward_kl
+from references import ref_reduce
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # --- independent float64 references --------------------------------------------------------------
-
-
-def ref_reduce(per, mask, reduction: str):
-    """Reference reduction for numpy or torch per-position values: none, sum, or mean over the mask."""
-    if mask is not None:
-        per = per * mask
-    if reduction == "none":
-        return per
-    if reduction == "sum":
-        return per.sum()
-    return per.sum() / (mask.sum() if mask is not None else math.prod(per.shape))
 
 
 def np_log_softmax(x: np.ndarray) -> np.ndarray:

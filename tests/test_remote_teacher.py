@@ -111,6 +111,23 @@ def test_faulty_endpoint_every_row_exactly_once(recipe_path, words, monkeypatch)
     assert pipeline.generate(recipe)["generated"] == 0
 
 
+@pytest.mark.parametrize("max_retries, soft", [(8, 32), (3, 31)])
+def test_log_probs_missing_again_and_again_for_one_row(recipe_path, words, max_retries, soft):
+    """An endpoint that sends log-probs but leaves them out 4 times running for one prompt: retried within
+    max_retries; when those run out the last reply is kept as text, never failing the run."""
+    train_ex, eval_ex = pipeline.load_data(load_recipe(recipe_path))
+    last = (train_ex + eval_ex)[-1].messages[-1]["content"]  # asked last: log-probs have been seen by then
+    app = faulty_endpoint(words, fault_every=None, scripted={last: ["no-logprobs"] * 4})
+    with ThreadServer(app) as server:
+        recipe = load_recipe(remote_recipe(recipe_path, server.url, model="fake", max_concurrency=1,
+                                           max_retries=max_retries, top_logprobs=2))
+        summary = pipeline.generate(recipe)
+    usage = summary["teacher_usage"]
+    assert usage["rows_soft_targets"] == soft and usage["rows_text_only"] == 32 - soft
+    assert usage["retries"]["log-probs missing"] == min(4, max_retries)
+    assert len(TeacherCache(recipe.cache_dir).keys()) == 32
+
+
 def test_permanent_failure_stops_with_one_error_and_keeps_answered_rows(recipe_path, words):
     app = faulty_endpoint(words, fault_every=None, die_after=5)
     with ThreadServer(app) as server:

@@ -67,6 +67,14 @@ def test_task_recipe_errors_name_file_line_and_field(tmp_path):
         load_recipe(_write(tmp_path / "r.yaml", {**_cls_dict(tmp_path), "task": "clasification"}))
     assert e.value.field == "task"
 
+    with pytest.raises(DistilError) as e:  # GGUF is for causal LMs only
+        load_recipe(_write(tmp_path / "r.yaml", {**_cls_dict(tmp_path), "export": {"formats": ["onnx", "gguf"]}}))
+    assert e.value.field == "export.formats.1" and e.value.line is not None
+    assert load_recipe(_write(tmp_path / "r.yaml", _cls_dict(tmp_path)), ["export.formats=[hf,int8]"]).export.formats == ["hf", "int8"]
+    with pytest.raises(DistilError) as e:
+        load_recipe(_write(tmp_path / "r.yaml", _cls_dict(tmp_path)), ["train.checkpoint_every=-1"])
+    assert e.value.field == "train.checkpoint_every"
+
     emb = {"task": "embedding", "teacher": {"model": "x"}, "student": {"hidden_size": 8}, "data": {"train": "a", "eval": "b"}}
     with pytest.raises(DistilError) as e:
         load_recipe(_write(tmp_path / "e.yaml", emb))
@@ -190,6 +198,11 @@ def test_classification_with_hugging_face_image_classifiers(tmp_path):
     held_out = load_split(recipe, "eval")
     logits, _ = predict(load_model(tmp_path / "out/student"), held_out, 16)
     assert float((logits.argmax(-1) == held_out.y).float().mean()) == pytest.approx(report["models"]["student"]["accuracy"])
+    # exports of an AutoModelForImageClassification student load back in onnxruntime / torch int8
+    exports = pipeline.export(recipe.model_copy(update={"export": recipe.export.model_copy(
+        update={"formats": ["hf", "onnx", "int8"]})}))
+    _assert_exports(tmp_path / "out/student", exports, held_out.x[:4], lambda rt, p: rt.logits(p),
+                    lambda rt, p: rt.logits(p))
 
     data["student"]["config"] = {"hidden_sise": 8}
     recipe = load_recipe(_write(tmp_path / "r.yaml", data))
@@ -296,3 +309,257 @@ def test_embedding_student_keeps_teacher_layers_when_width_is_kept(tiny_sentence
     with pytest.raises(DistilError) as e:
         build_student(teacher, EmbeddingStudent(layers=[5]))
     assert e.value.field == "student.layers"
+
+
+# ----------------------------------------------------------------------------- resume
+
+def _killed_then_resumed(recipe, monkeypatch, kill_at: int) -> dict:
+    """Train until the checkpoint of step `kill_at` is written, die there, then train again with resume."""
+    from distil import pipeline
+    from distil.tasks import common
+
+    original = common._save_checkpoint
+
+    def save_then_die(folder, step, *args, **kwargs):
+        original(folder, step, *args, **kwargs)
+        if step == kill_at:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(common, "_save_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.train(recipe)
+    assert not (recipe.out_dir / "student").exists()
+    return pipeline.train(recipe, resume=True)
+
+
+def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_classification_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
+    from distil import pipeline
+    from distil.tasks.classification import load_model
+
+    for name, n, seed in (("train", 240, 0), ("eval", 30, 1)):
+        x, y = _images(n, seed)
+        np.savez(tmp_path / f"{name}.npz", x=x, y=y)
+    data = _cls_dict(tmp_path)
+    data["student"]["args"]["dropout"] = 0.3  # the RNG state must be restored too
+    data["train"]["checkpoint_every"] = 3
+    data["eval"] = {"baseline": False}
+    runs = {}
+    for name in ("A", "B"):
+        runs[name] = load_recipe(_write(tmp_path / f"{name}.yaml", {**data, "out": str(tmp_path / name)}))
+    pipeline.generate(runs["A"])
+    full = pipeline.train(runs["A"])["student"]
+    assert full["steps"] == 16 and full["resumed_from"] == 0
+    resumed = _killed_then_resumed(runs["B"], monkeypatch, kill_at=9)["student"]  # epoch 2, mid-way
+    assert resumed["resumed_from"] == 9 and resumed["final_loss"] == full["final_loss"]
+    _assert_same_state(load_model(tmp_path / "A/student"), load_model(tmp_path / "B/student"))
+    log_a, log_b = ((tmp_path / n / "train_student.jsonl").read_text() for n in "AB")
+    assert log_a == log_b  # each logged step once, with the same losses
+
+
+def test_embedding_resumed_run_equals_uninterrupted(tmp_path, tiny_sentence_transformer, monkeypatch):
+    from sentence_transformers import SentenceTransformer
+
+    from distil import pipeline
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in _sentences(80, 0)))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in _sentences(10, 1)))
+    data = {"task": "embedding", "teacher": {"model": str(tiny_sentence_transformer)},
+            "student": {"layers": [0], "hidden_size": 16},
+            "data": {"train": "train.jsonl", "eval": "eval.jsonl"},
+            "train": {"epochs": 2, "batch_size": 16, "warmup": 2, "checkpoint_every": 2},
+            "cache": str(tmp_path / "cache")}
+    runs = {name: load_recipe(_write(tmp_path / f"{name}.yaml", {**data, "out": str(tmp_path / name)})) for name in "AB"}
+    pipeline.generate(runs["A"])
+    full = pipeline.train(runs["A"])["student"]
+    assert full["steps"] == 10
+    resumed = _killed_then_resumed(runs["B"], monkeypatch, kill_at=6)["student"]
+    assert resumed["resumed_from"] == 6 and resumed["final_loss"] == full["final_loss"]
+    _assert_same_state(SentenceTransformer(str(tmp_path / "A/student"), device="cpu"),
+                       SentenceTransformer(str(tmp_path / "B/student"), device="cpu"))
+    # without --resume, a fresh run starts over (and still ends the same)
+    assert pipeline.train(runs["B"].model_copy(update={"out": str(tmp_path / "C")}))["student"]["resumed_from"] == 0
+
+
+# ----------------------------------------------------------------------------- export
+# Tolerances: hf is the same float32 model (identical outputs); ONNX runs the same float32 graph
+# in onnxruntime (operator order differs: < 1e-4 on logits of order 1-10, < 1e-5 on unit-norm
+# embeddings); int8 from disk reproduces the in-memory `quantize_dynamic` model exactly, and stays
+# within a loose bound of float32 (weights and activations rounded to 8 bits).
+
+def _assert_exports(source: Path, exports: dict, probe, run_source, run_artifact) -> None:
+    """Each artifact against the fp32 source on `probe` (see the tolerances above)."""
+    from distil.export import _quantize_dynamic
+    from distil.tasks.export import TaskRuntime, load_int8_task, load_source
+
+    ref = run_source(TaskRuntime(source), probe)
+    labels = [r["label"] for r in exports["rows"]]
+    assert labels == ["hf", "onnx", "int8"]
+    for row in exports["rows"]:
+        got = run_artifact(TaskRuntime(row["path"]), probe)
+        if row["format"] == "hf":
+            assert torch.equal(got, ref)
+        elif row["format"] == "onnx":
+            assert (got - ref).abs().max() < 1e-4
+        else:
+            in_memory = TaskRuntime(source)
+            in_memory.model = _quantize_dynamic(load_source(source)[0])
+            assert torch.equal(got, run_source(in_memory, probe))
+            assert isinstance(load_int8_task(row["path"]), torch.nn.Module)
+        assert row["size_bytes"] > 0 and set(row["metrics"]) >= set(exports["reference"]["metrics"])
+
+
+def test_classification_export_formats_load_back_and_join_the_report(tmp_path):
+    from distil import pipeline
+
+    for name, n, seed in (("train", 120, 0), ("eval", 40, 1)):
+        x, y = _images(n, seed)
+        np.savez(tmp_path / f"{name}.npz", x=x, y=y)
+    data = {**_cls_dict(tmp_path), "export": {"formats": ["hf", "onnx", "int8"]}, "eval": {"baseline": False}}
+    data["student"] = {"model": "factory:cnn", "args": {"channels": [4], "hidden": 8, "image_size": 8}}
+    result = pipeline.run(load_recipe(_write(tmp_path / "r.yaml", data)))
+    exports = result["exports"]
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    assert report["exports"]["reference"]["metrics"]["accuracy"] == pytest.approx(report["models"]["student"]["accuracy"])
+    hf = exports["rows"][0]["metrics"]
+    assert hf["student_agreement"] == 1.0 and hf["max_abs_logit_diff"] == 0.0
+    assert exports["rows"][1]["metrics"]["student_agreement"] == 1.0  # onnx
+    assert "Exports" in (tmp_path / "out/report.html").read_text()
+    x, _ = _images(5, 7)
+    _assert_exports(tmp_path / "out/student", exports, torch.from_numpy(x),
+                    lambda rt, p: rt.logits(p), lambda rt, p: rt.logits(p))
+    with pytest.raises(DistilError) as e:
+        from distil.tasks.export import export_task_model
+        export_task_model(tmp_path / "out/student", "gguf", tmp_path / "x")
+    assert e.value.field == "format"
+
+
+def test_embedding_export_formats_load_back_and_join_the_report(tmp_path, tiny_sentence_transformer):
+    from sentence_transformers import SentenceTransformer
+
+    from conftest import run_cli
+    from distil import pipeline
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in _sentences(48, 0)))
+    held = [{"q": q, "d": d, "label": "xyz"[i % 3]} for i, (q, d) in enumerate(zip(_sentences(12, 1), _sentences(12, 2)))]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
+    recipe = load_recipe(_write(tmp_path / "e.yaml", {
+        "task": "embedding", "teacher": {"model": str(tiny_sentence_transformer)},
+        "student": {"layers": [1], "hidden_size": 16},
+        "data": {"train": "train.jsonl", "eval": "eval.jsonl", "query_field": "q", "document_field": "d",
+                 "label_field": "label"},
+        "train": {"epochs": 1, "batch_size": 16, "warmup": 0}, "eval": {"speed_sentences": 16, "recall_at": [1, 5]},
+        "export": {"formats": ["hf", "onnx", "int8"]},
+        "out": str(tmp_path / "out"), "cache": str(tmp_path / "cache")}))
+    exports = pipeline.run(recipe)["exports"]
+    student = tmp_path / "out/student"
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    assert report["exports"]["reference"]["metrics"]["recall@1"] == pytest.approx(report["models"]["student"]["recall@1"])
+    onnx, int8 = exports["rows"][1]["metrics"], exports["rows"][2]["metrics"]
+    assert onnx["cosine_to_student"] > 0.99999 and int8["cosine_to_student"] > 0.9
+    probe = _sentences(6, 9)
+    _assert_exports(student, exports, probe, lambda rt, p: rt.encode(p), lambda rt, p: rt.encode(p))
+    # the hf export is a plain sentence-transformers folder, and the runtime tokenizes as it does
+    loaded = SentenceTransformer(exports["rows"][0]["path"], device="cpu").encode(probe, convert_to_tensor=True)
+    onnx_emb = __import__("distil.tasks.export", fromlist=["x"]).TaskRuntime(exports["rows"][1]["path"]).encode(probe)
+    assert (loaded - onnx_emb).abs().max() < 1e-5
+
+    # `distil export` on a task student: written, loaded back in onnxruntime, compared with the source
+    proc = run_cli("export", "--model", str(student), "--format", "onnx", "--out", str(tmp_path / "cli-onnx"),
+                   env_extra={"PYTHONPATH": str(REPO / "src")})
+    assert proc.returncode == 0, proc.stderr
+    check = json.loads(proc.stdout)["check"]
+    assert check["kind"] == "sentence" and check["max_abs_diff"] < 1e-5 and check["min_cosine"] > 0.99999
+
+
+# ----------------------------------------------------------------------------- text classification
+
+def _topic(words: list[str]) -> str:
+    if {"cat", "dog", "bird", "fish"} & set(words):
+        return "animal"
+    return "colour" if {"blue", "red", "green"} & set(words) else "other"
+
+
+def test_text_classification_with_sequence_classifiers_end_to_end(tmp_path):
+    """A tiny BERT AutoModelForSequenceClassification teacher (fine-tuned on hard labels first) and a
+    narrower 1-layer student from its config: generate -> train -> eval -> export, its KL + CE loss
+    against a float64 reference, and every export loaded back and compared."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from distil import pipeline
+    from distil.tasks.classification import load_model, load_split, logits_of
+    from distil.tasks.export import TaskRuntime
+
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "?", "."] + WORDS) + "\n")
+    tokenizer = BertTokenizerFast(vocab=str(tmp_path / "vocab.txt"))
+    torch.manual_seed(0)
+    bert = tmp_path / "bert"
+    BertForSequenceClassification(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=64, max_position_embeddings=32,
+                                             num_labels=3)).save_pretrained(bert)
+    tokenizer.save_pretrained(bert)
+    for name, n, seed in (("train.jsonl", 192, 0), ("eval.jsonl", 48, 1)):
+        rows = [{"text": s, "label": _topic(s.split())} for s in _sentences(n, seed)]
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = {"task": "classification",
+            "teacher": {"model": str(bert), "train": {"epochs": 10, "batch_size": 16, "lr": 3e-3, "warmup": 0}},
+            "student": {"model": str(bert), "config": {"num_hidden_layers": 1, "hidden_size": 16,
+                                                       "num_attention_heads": 2, "intermediate_size": 32}},
+            "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_length": 12},
+            "train": {"epochs": 3, "batch_size": 16, "lr": 3e-3, "warmup": 0, "temperature": 2.0, "alpha": 0.5},
+            "eval": {"baseline": False}, "export": {"formats": ["hf", "onnx", "int8"]},
+            "out": str(tmp_path / "out"), "cache": str(tmp_path / "cache")}
+    recipe = load_recipe(_write(tmp_path / "r.yaml", data))
+    assert pipeline.generate(recipe)["generated"] == 240
+    assert pipeline.train(recipe)["student"]["steps"] == 36
+    report = pipeline.evaluate(recipe)
+    t, s = report["models"]["teacher"], report["models"]["student"]
+    assert t["accuracy"] > 0.7 and s["params"] < t["params"]  # the teacher learned the topics (majority class: 46%)
+    assert report["classes"] == ["animal", "colour", "other"] and "teacher_agreement" in s
+    exports = pipeline.export(recipe)
+
+    # the trained student's KD loss on a training batch, against float64 arithmetic
+    from distil.tasks.classification import _cached_logits
+    train_split, held_out = load_split(recipe, "train", tokenizer), load_split(recipe, "eval", tokenizer)
+    teacher_logits = _cached_logits(recipe, train_split, held_out)["train"][:16]
+    student = load_model(tmp_path / "out/student", is_text=True)
+    batch, y = train_split.take(torch.arange(16)), train_split.y[:16]
+    with torch.no_grad():
+        z32 = logits_of(student, batch)
+        z64 = logits_of(student.double(), batch)
+    T, alpha = 2.0, 0.5
+    p_t = torch.softmax(teacher_logits.double() / T, -1)
+    kl = (p_t * (torch.log(p_t) - torch.log_softmax(z64 / T, -1))).sum(-1).mean()
+    ce = -torch.log_softmax(z64, -1).gather(1, y[:, None]).mean()
+    reference = alpha * ce + (1 - alpha) * T ** 2 * kl
+    got = soft_label_kd(z32, teacher_logits, y, temperature=T, alpha=alpha).double()
+    assert torch.allclose(got, reference, rtol=1e-5, atol=1e-6)
+
+    # exports: the student folder carries its tokenizer, so each artifact tokenizes for itself
+    assert (tmp_path / "out/student/tokenizer.json").exists()
+    probe = held_out.take(torch.arange(6))
+    _assert_exports(tmp_path / "out/student", exports, probe, lambda rt, p: rt.logits(p), lambda rt, p: rt.logits(p))
+    assert TaskRuntime(exports["rows"][1]["path"]).kind == "sequence"
+    assert exports["rows"][1]["metrics"]["accuracy"] == pytest.approx(s["accuracy"])
+    html = (tmp_path / "out/report.html").read_text()
+    assert "Exports" in html and "Confusion matrices" in html
+
+
+def test_a_task_without_its_extra_installed_says_which_to_install(monkeypatch):
+    import importlib.util
+
+    from distil import tasks
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real(name, *a))
+    tasks.require_extra("classification")  # needs sklearn only
+    with pytest.raises(DistilError) as e:
+        tasks.require_extra("embedding")
+    assert "scipy" in str(e.value) and "distil[tasks]" in str(e.value) and "task" in str(e.value)

@@ -133,6 +133,9 @@ def export_cmd(model: str = typer.Option(..., "--model", help="A Hugging Face mo
                                           help="Load the artifact in its runtime and compare next-token logits with the source.")):
     """Export a model for deployment: Hugging Face safetensors, GGUF (llama.cpp), ONNX with KV cache, or int8.
 
+    Classification and embedding students (a factory, HF classifier or sentence-transformers folder)
+    export as hf, onnx or int8; --check compares logits / embeddings with the source.
+
     Example: distil export --model runs/quickstart/student --format gguf --quant q8_0 --out student-q8_0.gguf
 
     To score exports with the student's metrics and add them to the report, list them under
@@ -141,7 +144,22 @@ def export_cmd(model: str = typer.Option(..., "--model", help="A Hugging Face mo
     from pathlib import Path
 
     from distil.export import export_model
+    from distil.tasks.export import model_kind
 
+    kind = model_kind(model)
+    if kind is not None:  # a classification or embedding student
+        from distil.tasks import require_extra
+        from distil.tasks.export import compare_with_source, export_task_model
+
+        require_extra("embedding" if kind == "sentence" else "classification")
+
+        if quant is not None:
+            raise DistilError("--quant applies to GGUF (causal LMs) only", field="--quant")
+        artifact = export_task_model(model, format, out)
+        summary = {"format": artifact.label, "path": str(artifact.path), "size_bytes": artifact.size_bytes}
+        if check:
+            summary["check"] = compare_with_source(model, artifact.path)
+        return _print(summary)
     artifact = export_model(model, format, out, quant)
     summary = {"format": artifact.label, "path": str(artifact.path), "size_bytes": artifact.size_bytes}
     if check:

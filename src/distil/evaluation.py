@@ -25,6 +25,7 @@ import torch
 
 from distil.cache import TeacherCache
 from distil.errors import DistilError
+from distil.explain import final_answer
 from distil.losses import cross_entropy, sparse_forward_kl
 from distil.teachers.local import generate_batch
 from distil.training import collate
@@ -205,8 +206,14 @@ def evaluate_run(recipe, view, examples, rows: list[dict], teacher_rows: list[di
         pairs = [(a, r) for a, r in zip(answers[name], references) if r]
         if pairs:
             values[name]["token_f1"] = sum(token_f1(a, r) for a, r in pairs) / len(pairs)
-    higher = {"token_f1": True, "top1_agreement": True, "teacher_kl": False, "perplexity": False, "perplexity_reference": False}
-    described = {"token_f1": "token F1 of greedy answers against the reference",
+        if recipe.generate.explain and pairs:  # the task metric on the final "Answer:" line alone
+            finals = [final_answer(a) for a, _ in pairs]
+            values[name]["answer_found"] = sum(f is not None for f in finals) / len(finals)
+            values[name]["answer_f1"] = sum(token_f1(f or "", r) for f, (_, r) in zip(finals, pairs)) / len(pairs)
+    higher = {"token_f1": True, "answer_f1": True, "answer_found": True, "top1_agreement": True, "teacher_kl": False, "perplexity": False, "perplexity_reference": False}
+    described = {"answer_f1": "token F1 of the final 'Answer:' line against the reference (0 where none)",
+                 "answer_found": "share of answers that end with a parsable 'Answer:' line",
+                 "token_f1": "token F1 of greedy answers against the reference",
                  "top1_agreement": "share of held-out teacher tokens where the model's top-1 token is the teacher's",
                  "teacher_kl": "KL(teacher || model) per token over top-k + tail buckets, on held-out teacher text",
                  "perplexity": "perplexity of the teacher's held-out answers",
@@ -230,6 +237,8 @@ def evaluate_run(recipe, view, examples, rows: list[dict], teacher_rows: list[di
         "cache": {"path": str(recipe.cache_dir), "bytes": TeacherCache(recipe.cache_dir).size_bytes(),
                   "rows": len(TeacherCache(recipe.cache_dir).keys())},
     }
+    if recipe.teachers is not None:  # several teachers: who wrote which rows, the student per teacher
+        report["teachers"] = view.report(examples, rows, scores["student"])
     if (out / "teacher_usage.json").exists():  # an endpoint teacher: requests, tokens, estimated cost
         report["teacher_usage"] = json.loads((out / "teacher_usage.json").read_text())
     if cross:  # how much of the teacher's text the student learned as distributions (distil.align)

@@ -358,6 +358,21 @@ def write_int8(model, tokenizer, folder: Path) -> None:
     from safetensors.torch import save_file
 
     quantized = _quantize_dynamic(model)
+    tensors, linear_names = int8_linear_tensors(quantized)
+    skip = {_tied_embedding_name(model)} if _tied(model, linear_names) else set()
+    for name, tensor in model.state_dict().items():
+        owner = name.rsplit(".", 1)[0]
+        if owner not in linear_names and name not in skip and not name.endswith("rotary_emb.inv_freq"):
+            tensors[name] = tensor.detach().contiguous().clone()
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / INT8_WEIGHTS), metadata={"format": "distil-int8-dynamic"})
+    model.config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def int8_linear_tensors(quantized) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Plain tensors of every dynamic-int8 Linear of a `quantize_dynamic`-ed model: `<name>.qweight`
+    (int8), `.scales`, `.zero_points` and `.bias`; and the names of those Linears."""
     tensors: dict[str, torch.Tensor] = {}
     linear_names = set()
     for name, module in quantized.named_modules():
@@ -369,15 +384,39 @@ def write_int8(model, tokenizer, folder: Path) -> None:
             tensors[f"{name}.zero_points"] = weight.q_per_channel_zero_points().contiguous()
             if bias is not None:
                 tensors[f"{name}.bias"] = bias.detach().contiguous()
-    skip = {_tied_embedding_name(model)} if _tied(model, linear_names) else set()
-    for name, tensor in model.state_dict().items():
-        owner = name.rsplit(".", 1)[0]
-        if owner not in linear_names and name not in skip and not name.endswith("rotary_emb.inv_freq"):
-            tensors[name] = tensor.detach().contiguous().clone()
-    folder.mkdir(parents=True)
-    save_file(tensors, str(folder / INT8_WEIGHTS), metadata={"format": "distil-int8-dynamic"})
-    model.config.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    return tensors, linear_names
+
+
+def set_int8_linears(quantized, tensors: dict[str, torch.Tensor], weights: Path) -> set[str]:
+    """Load the int8 Linear tensors (popped from `tensors`) into a `quantize_dynamic`-ed model;
+    returns the Linears' names. A missing tensor raises a DistilError naming `weights`."""
+    linear_names = set()
+    for name, module in quantized.named_modules():
+        if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
+            if f"{name}.qweight" not in tensors:
+                raise DistilError(f"int8 export lacks tensor {name}.qweight", file=str(weights), field="model")
+            qweight = torch._make_per_channel_quantized_tensor(
+                tensors.pop(f"{name}.qweight"), tensors.pop(f"{name}.scales").double(),
+                tensors.pop(f"{name}.zero_points"), 0)
+            module.set_weight_bias(qweight, tensors.pop(f"{name}.bias", None))
+            linear_names.add(name)
+    return linear_names
+
+
+def copy_float_tensors(model, tensors: dict[str, torch.Tensor], weights: Path) -> None:
+    """Copy named float tensors into a model's parameters / buffers, one by one (quantized modules
+    refuse a partial load_state_dict)."""
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            try:
+                target = model.get_parameter(name)
+            except AttributeError:
+                try:
+                    target = model.get_buffer(name)
+                except AttributeError:
+                    raise DistilError(f"int8 export has an unknown tensor '{name}'", file=str(weights),
+                                      field="model") from None
+            target.copy_(tensor)
 
 
 def _tied_embedding_name(model) -> str:
@@ -402,28 +441,8 @@ def load_int8(folder: Path | str):
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32).eval()
     embedding_name = _tied_embedding_name(model)
     model = _quantize_dynamic(model)
-    linear_names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
-            if f"{name}.qweight" not in tensors:
-                raise DistilError(f"int8 export lacks tensor {name}.qweight", file=str(weights), field="model")
-            qweight = torch._make_per_channel_quantized_tensor(
-                tensors.pop(f"{name}.qweight"), tensors.pop(f"{name}.scales").double(),
-                tensors.pop(f"{name}.zero_points"), 0)
-            module.set_weight_bias(qweight, tensors.pop(f"{name}.bias", None))
-            linear_names.add(name)
+    linear_names = set_int8_linears(model, tensors, weights)
     if _tied(model, linear_names) and embedding_name not in tensors:
         tensors[embedding_name] = model.lm_head._weight_bias()[0].dequantize()
-    # Quantized modules refuse a partial load_state_dict, so the float tensors are copied one by one.
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            try:
-                target = model.get_parameter(name)
-            except AttributeError:
-                try:
-                    target = model.get_buffer(name)
-                except AttributeError:
-                    raise DistilError(f"int8 export has an unknown tensor '{name}'", file=str(weights),
-                                      field="model") from None
-            target.copy_(tensor)
+    copy_float_tensors(model, tensors, weights)
     return model.eval()

@@ -184,7 +184,8 @@ def resolve(source: str, gguf_file: str | None = None, field: str = "model") -> 
             gguf = _assemble_split_gguf(folder, source, field)
         if gguf is not None:
             return ResolvedModel(dequantize_gguf(gguf), _sha256_file(gguf), gguf.stem)
-        configs = sorted(folder.rglob("config.json"))
+        # The shallowest config.json is the model's: sentence-transformers folders also hold 1_Pooling/config.json.
+        configs = sorted(folder.rglob("config.json"), key=lambda p: (len(p.parts), str(p)))
         if not configs:
             raise DistilError(f"wheel {source} holds neither a .gguf file nor a model directory", field=field)
         return ResolvedModel(configs[0].parent, _directory_identity(configs[0].parent), source)

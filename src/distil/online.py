@@ -40,9 +40,23 @@ def teacher_forward(teacher, batch, *, top_k: int | None = None, hidden_layers: 
     out = teacher.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                              output_hidden_states=bool(hidden_layers))
     if top_k is not None:
-        hidden = out.last_hidden_state.flatten(0, 1)[batch.target_pos]
-        log_probs = torch.log_softmax(teacher.get_output_embeddings()(hidden).float(), dim=-1)
-        batch.topk_ids, batch.topk_logprobs, batch.tail_logprob = topk_with_tail(log_probs, top_k)
+        batch.topk_ids, batch.topk_logprobs, batch.tail_logprob = topk_with_tail(
+            _target_log_probs(teacher, out.last_hidden_state, batch), top_k)
     if hidden_layers:
         batch.teacher_hidden = tuple(out.hidden_states[i].flatten(0, 1)[batch.target_pos].float()
                                      for i in hidden_layers)
+
+
+def _target_log_probs(model, last_hidden: torch.Tensor, batch) -> torch.Tensor:
+    hidden = last_hidden.flatten(0, 1)[batch.target_pos]
+    return torch.log_softmax(model.get_output_embeddings()(hidden).float(), dim=-1)
+
+
+@torch.no_grad()
+def target_log_probs(model, batch) -> torch.Tensor:
+    """The model's full next-token log-probs (float32) at the batch's target positions: (targets, vocab).
+
+    How a teacher scores text it did not write (an ensemble member scoring the first teacher's answer).
+    """
+    out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    return _target_log_probs(model, out.last_hidden_state, batch)

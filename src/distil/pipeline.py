@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from distil import models, tasks
+from distil import explain, models, tasks
 from distil.cache import TeacherCache, row_key
 from distil.data import Example, format_prompt, load_examples
 from distil.errors import DistilError
@@ -88,6 +88,8 @@ def generation_settings(recipe: Recipe) -> dict:
                 "max_prompt_tokens": recipe.data.max_prompt_tokens}
     if recipe.teacher.type == "openai":
         settings.update(top_k=recipe.teacher.top_logprobs, endpoint=recipe.teacher.endpoint)
+    elif recipe.teacher.dtype != "float32":  # a lower precision writes other text (float32 keys stay as they were)
+        settings["dtype"] = recipe.teacher.dtype
     if g.do_sample:
         settings.update(temperature=g.temperature, top_p=g.top_p, seed=g.seed)
     return settings
@@ -117,7 +119,19 @@ class TeacherPrompts:
             self.student_tokenizer = models.load_tokenizer(own[0])
 
     def prompts(self, examples: list[Example]) -> list[str]:
-        return [format_prompt(self.tokenizer, ex.messages, self.recipe.data.system_prompt) for ex in examples]
+        """What the teacher is asked (with generate.explain, its instruction added to the system prompt)."""
+        return [format_prompt(self.tokenizer, *explain.teacher_chat(ex.messages, self.recipe)) for ex in examples]
+
+    def student_rows(self, rows: list[dict], examples: list[Example]) -> list[dict]:
+        """The cached rows as the student sees them: with generate.explain, after the plain prompt, not the
+        teacher's (the student learns to reason without being told to); with train.cross_tokenizer, in
+        the student's vocabulary after its own plain prompt (`_aligned`)."""
+        if self.student_tokenizer is not self.tokenizer:
+            return self._aligned(rows, examples)
+        if not self.recipe.generate.explain:
+            return rows
+        plain = [format_prompt(self.tokenizer, ex.messages, self.recipe.data.system_prompt) for ex in examples]
+        return explain.with_prompts(rows, plain, self.tokenizer, self.recipe.data.max_prompt_tokens)
 
     def keys(self, examples: list[Example]) -> list[str]:
         return [row_key(self.source.identity, p, self.settings) for p in self.prompts(examples)]
@@ -125,10 +139,8 @@ class TeacherPrompts:
     def load_model(self):
         return models.load_causal_lm(self.source.directory, self.recipe.teacher.dtype, self.recipe.teacher.trust_remote_code)
 
-    def student_rows(self, examples: list[Example], rows: list[dict]) -> list[dict]:
-        """Cache rows as the student reads them: unchanged, or aligned into its vocabulary (distil.align)."""
-        if self.student_tokenizer is self.tokenizer:
-            return rows
+    def _aligned(self, rows: list[dict], examples: list[Example]) -> list[dict]:
+        """Cache rows re-expressed in the student's vocabulary (distil.align), after its own chat template."""
         from distil.align import StudentAligner
 
         aligner = StudentAligner(self.tokenizer, self.student_tokenizer, _teacher_stop_ids(self),
@@ -157,6 +169,25 @@ def _teacher_stop_ids(view: TeacherPrompts) -> set[int]:
     return stop_token_ids(view.tokenizer, SimpleNamespace(config=config, generation_config=generation))
 
 
+def _cross(view) -> bool:
+    """Whether the student reads another tokenizer than the view's teacher (train.cross_tokenizer)."""
+    return getattr(view, "student_tokenizer", view.tokenizer) is not view.tokenizer
+
+
+def _student_tokenizer(view):
+    return getattr(view, "student_tokenizer", view.tokenizer)
+
+
+def teacher_view(recipe: Recipe):
+    """The recipe's teacher(s): a `TeacherPrompts`, or for `teachers:` a `distil.teachers.many.Teachers`
+    with the same methods (prompts are per teacher, keys per row)."""
+    if recipe.teachers is None:
+        return TeacherPrompts(recipe)
+    from distil.teachers.many import Teachers
+
+    return Teachers(recipe)
+
+
 def _remote_source(recipe: Recipe) -> models.ResolvedModel:
     """An endpoint teacher stands on a local model for its tokenizer (and weights, for student.from_teacher)."""
     t = recipe.teacher
@@ -180,10 +211,17 @@ def check_writable(folder: Path, field: str) -> None:
         raise DistilError(f"cannot write to this folder: {e.strerror or e}", file=str(folder), field=field) from None
 
 
-def _check_student(recipe: Recipe, view: TeacherPrompts) -> None:
-    """The student can learn from this teacher in the way the recipe asks (see models.check_pairing)."""
+def _check_student(view: TeacherPrompts) -> None:
+    """The student can learn from the view's teacher in the way its recipe asks (see models.check_pairing).
+
+    With several teachers, from the first one (whose model builds the student and teaches online).
+    """
+    recipe = view.recipe
     local = recipe.teacher.type == "local"
     cross = recipe.train.cross_tokenizer
+    if cross and not isinstance(view, TeacherPrompts):
+        raise DistilError("train.cross_tokenizer takes one teacher (`teacher:`), not `teachers:`",
+                          field="train.cross_tokenizer")
     if cross and not local:
         raise DistilError("train.cross_tokenizer needs a local teacher (an endpoint's tokens are mapped to the "
                           "student's by their bytes instead, docs/teachers.md)", field="train.cross_tokenizer")
@@ -217,13 +255,22 @@ def generate(recipe: Recipe) -> dict:
     """
     if recipe.task != "causal_lm":
         return tasks.stage(recipe, "generate")
-    from distil.teachers.local import LocalTeacher
-
     train_ex, eval_ex = load_data(recipe)
+    if recipe.teachers is not None:
+        from distil.teachers.many import generate_many
+
+        return generate_many(recipe, train_ex + eval_ex)
     view = TeacherPrompts(recipe)
     check_writable(recipe.cache_dir, "cache")
-    prompts = view.prompts(train_ex + eval_ex)
-    keys = view.keys(train_ex + eval_ex)
+    return generate_rows(recipe, view, train_ex + eval_ex)
+
+
+def generate_rows(recipe: Recipe, view: TeacherPrompts, examples: list[Example]) -> dict:
+    """Ask `view`'s teacher about those of `examples` not yet cached (the body of `generate`, for one teacher)."""
+    from distil.teachers.local import LocalTeacher
+
+    prompts = view.prompts(examples)
+    keys = view.keys(examples)
     cache = TeacherCache(recipe.cache_dir)
     cache.remove_stale_temporaries()
     done = cache.keys()
@@ -235,7 +282,7 @@ def generate(recipe: Recipe) -> dict:
     if recipe.teacher.type == "openai":
         from distil.teachers.openai import generate_remote
 
-        messages = dict(zip(keys, (ex.messages for ex in train_ex + eval_ex)))
+        messages = dict(zip(keys, (ex.messages for ex in examples)))
         return generate_remote(recipe, view, [(k, p, messages[k]) for k, p in todo.items()], cache, summary)
     teacher = LocalTeacher(view.load_model(), view.tokenizer, view.source.identity, view.source.name)
     todo_keys, todo_prompts = list(todo), list(todo.values())
@@ -286,14 +333,12 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     from distil.training import train_student
 
     train_ex, _ = load_data(recipe)
-    view = TeacherPrompts(recipe)
-    _check_student(recipe, view)
+    view = teacher_view(recipe)
+    _check_student(view)
     check_writable(recipe.out_dir, "out")
     keys = view.keys(train_ex)
-    rows, keys = _checked_answers(recipe, train_ex, _cached_rows(recipe, keys, "train"), keys)
-    if view.student_tokenizer is not view.tokenizer:
-        by_key = dict(zip(view.keys(train_ex), train_ex))
-        rows = view.student_rows([by_key[k] for k in keys], rows)
+    rows = view.student_rows(_cached_rows(recipe, keys, "train"), train_ex)
+    rows, keys = _checked_answers(recipe, train_ex, rows, keys)
     # The baseline is the same student trained on the teacher's text alone.
     baseline = recipe.train.model_copy(update={"mode": "sequence", "hidden": None})
     runs = [("student", recipe.train, recipe.train.alpha)] + ([("baseline", baseline, 1.0)] if recipe.eval.baseline else [])
@@ -319,7 +364,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
             adapters = lora.wrap_student(student, recipe.student, out / f"{name}-lora")
             student = lora.inner(adapters)
         with progress_bar() as bar:
-            summary = train_student(student, rows, cfg, pad_id=view.student_tokenizer.pad_token_id, out_dir=out,
+            summary = train_student(student, rows, cfg, pad_id=_student_tokenizer(view).pad_token_id, out_dir=out,
                                     run_name=name, alpha=alpha, resume=resume, fingerprint=fingerprint,
                                     progress=bar, teacher=teacher if online else None,
                                     stop_ids=stop_token_ids(view.tokenizer, teacher) if online else frozenset(),
@@ -332,7 +377,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         student.save_pretrained(tmp)
-        view.student_tokenizer.save_pretrained(tmp)
+        _student_tokenizer(view).save_pretrained(tmp)
         (tmp / "distil_train.json").write_text(json.dumps({"fingerprint": fingerprint, "alpha": alpha, "summary": summary}, indent=2))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
@@ -346,15 +391,18 @@ def evaluate(recipe: Recipe) -> dict:
     from distil.evaluation import evaluate_run
 
     _, eval_ex = load_data(recipe)
-    view = TeacherPrompts(recipe)
+    view = teacher_view(recipe)
     check_writable(recipe.out_dir, "out")
-    rows = _cached_rows(recipe, view.keys(eval_ex), "held-out")
-    return evaluate_run(recipe, view, eval_ex, view.student_rows(eval_ex, rows), teacher_rows=rows)
+    cached = _cached_rows(recipe, view.keys(eval_ex), "held-out")
+    rows = view.student_rows(cached, eval_ex)
+    return evaluate_run(recipe, view, eval_ex, rows, teacher_rows=cached if _cross(view) else None)
 
 
 def export(recipe: Recipe) -> dict:
     """Write the recipe's `export.formats` from <out>/student into <out>/exports, score each with the
     student's metrics and add them to report.json / report.html (key "exports")."""
+    if recipe.task != "causal_lm":
+        return tasks.stage(recipe, "export")
     from distil.deploy_eval import add_to_report, evaluate_artifacts
     from distil.export import export_model
 
@@ -362,16 +410,16 @@ def export(recipe: Recipe) -> dict:
     if not student_dir.exists():
         raise DistilError("no trained student found; run `distil train` first", file=str(student_dir))
     _, eval_ex = load_data(recipe)
-    view = TeacherPrompts(recipe)
-    rows = view.student_rows(eval_ex, _cached_rows(recipe, view.keys(eval_ex), "held-out"))
+    view = teacher_view(recipe)
+    rows = view.student_rows(_cached_rows(recipe, view.keys(eval_ex), "held-out"), eval_ex)
     artifacts = []
     for fmt in recipe.export.formats:
         for quant in (recipe.export.quant if fmt == "gguf" else [None]):
             name = f"student-{fmt}-{quant}.gguf" if quant else f"student-{fmt}"
             artifacts.append(export_model(student_dir, fmt, recipe.out_dir / "exports" / name, quant))
     model_config = json.loads((student_dir / "config.json").read_text())
-    stop_ids = {view.student_tokenizer.eos_token_id} | set(_as_list(model_config.get("eos_token_id")))
-    exports = evaluate_artifacts(student_dir, artifacts, view.student_tokenizer, rows, [ex.reference for ex in eval_ex],
+    stop_ids = {_student_tokenizer(view).eos_token_id} | set(_as_list(model_config.get("eos_token_id")))
+    exports = evaluate_artifacts(student_dir, artifacts, _student_tokenizer(view), rows, [ex.reference for ex in eval_ex],
                                  stop_ids={i for i in stop_ids if i is not None},
                                  max_new_tokens=recipe.eval.max_new_tokens or recipe.generate.max_new_tokens,
                                  speed_prompts=recipe.eval.speed_prompts)
@@ -388,7 +436,7 @@ def run(recipe: Recipe) -> dict:
     finished work is skipped."""
     if recipe.task == "causal_lm":  # fail on a bad pairing before the teacher's work, not after
         load_data(recipe)
-        _check_student(recipe, TeacherPrompts(recipe))
+        _check_student(teacher_view(recipe))
         check_writable(recipe.out_dir, "out")
     timings = {}
     t = time.time()

@@ -69,6 +69,26 @@ class TeacherConfig(_Section):
         return self
 
 
+ROUTE_FIELDS = ("category", "language")  # data fields a teacher's `when` may test
+
+
+class TeacherMember(TeacherConfig):
+    """One of several teachers (`teachers:`): a full teacher section plus its name and its share.
+
+    docs/teachers.md, "Several teachers", has examples.
+    """
+    name: str = Field(min_length=1, description="how the report and the cache rows name this teacher")
+    when: dict[Literal["category", "language"], str | list[str]] | None = Field(
+        None, description="teachers_mode: route: the rows this teacher answers, e.g. {category: [coding, math]}; "
+                          "the last teacher may leave it out to answer every row no teacher above took")
+    weight: float | None = Field(None, gt=0, description="teachers_mode: ensemble: this teacher's share of the "
+                                                          "averaged distribution (default: equal shares)")
+
+    def single(self) -> TeacherConfig:
+        """This member as a plain `teacher:` section (what the single-teacher code reads)."""
+        return TeacherConfig(**self.model_dump(include=self.model_fields_set - {"name", "when", "weight"}))
+
+
 class FromTeacher(_Section):
     """Build the student from the teacher: keep some layers, optionally narrow the MLP."""
     layers: list[int] = Field(description="teacher layer indices to keep, in order", min_length=1)
@@ -124,6 +144,10 @@ class DataConfig(_Section):
     min_reference_f1: float = Field(0.1, ge=0, le=1, description="reference_mismatch: token F1 against `reference` below this")
 
 
+DEFAULT_EXPLAIN_PROMPT = ("Think step by step: explain your reasoning briefly, then give the final answer "
+                          "on a last line that starts with \"Answer:\".")
+
+
 class GenerateConfig(_Section):
     max_new_tokens: int = Field(64, gt=0)
     do_sample: bool = False
@@ -132,6 +156,11 @@ class GenerateConfig(_Section):
     top_k: int = Field(32, gt=0, description="teacher log-probs kept per generated token")
     batch_size: int = Field(64, gt=0)
     seed: int = 0
+    explain: bool = Field(False, description="explanation tuning: ask the teacher for step-by-step reasoning "
+                                             "(explain_prompt as its system prompt); the student learns the "
+                                             "rationale and answer from the plain prompt")
+    explain_prompt: str = Field(DEFAULT_EXPLAIN_PROMPT, min_length=1,
+                                description="generate.explain: the instruction added to the teacher's system prompt")
 
 
 class HiddenConfig(_Section):
@@ -194,7 +223,11 @@ class ExportConfig(_Section):
 class Recipe(_Section):
     task: Literal["causal_lm", "classification", "embedding"] = Field(
         "causal_lm", description="what is distilled; classification and embedding recipes: distil.tasks.config")
-    teacher: TeacherConfig
+    teacher: TeacherConfig | None = Field(None, description="the teacher (or give several as `teachers:`)")
+    teachers_mode: Literal["route", "ensemble"] = Field(
+        "route", description="with `teachers:`, route: each row goes to the first teacher whose `when` matches; "
+                             "ensemble: the first teacher writes, all score, distributions are averaged")
+    teachers: list[TeacherMember] | None = Field(None, min_length=2, description="several teachers, instead of `teacher:`")
     student: StudentConfig
     data: DataConfig
     generate: GenerateConfig = GenerateConfig()
@@ -208,6 +241,44 @@ class Recipe(_Section):
     _lines: dict = PrivateAttr(default_factory=dict)  # key path -> line in the YAML file
     _overridden: set = PrivateAttr(default_factory=set)  # key paths set on the command line
 
+    @model_validator(mode="after")
+    def _teacher_sections(self):
+        # Raised as DistilError (which pydantic lets through) so the message can name the exact key;
+        # load_recipe adds the file and line.
+        if self.teachers is None:
+            if self.teacher is None:
+                raise DistilError("required key is missing (or give several teachers as `teachers:`)", field="teacher")
+            if "teachers_mode" in self.model_fields_set:
+                raise DistilError("only applies with `teachers:`", field="teachers_mode")
+            return self
+        if self.teacher is not None:
+            raise DistilError("give either `teacher:` or `teachers:`, not both", field="teachers")
+        names = [t.name for t in self.teachers]
+        for i, t in enumerate(self.teachers):
+            if names.index(t.name) != i:
+                raise DistilError(f"teacher name '{t.name}' is used twice", field=f"teachers.{i}.name")
+            if self.teachers_mode == "route":
+                if t.weight is not None:
+                    raise DistilError("weight only applies with teachers_mode: ensemble", field=f"teachers.{i}.weight")
+                if t.when is None and i != len(self.teachers) - 1:
+                    raise DistilError("only the last teacher may leave out `when` (it answers the rows no teacher "
+                                      "above it takes)", field=f"teachers.{i}.when")
+                if t.when is not None and not t.when:
+                    raise DistilError("give at least one field, e.g. {category: coding}", field=f"teachers.{i}.when")
+            else:
+                if t.when is not None:
+                    raise DistilError("when only applies with teachers_mode: route (in an ensemble every teacher "
+                                      "sees every row)", field=f"teachers.{i}.when")
+                if t.type != "local":
+                    raise DistilError("an ensemble needs local teachers: each one scores the first teacher's text, "
+                                      "which an endpoint cannot do (route rows to an endpoint instead)",
+                                      field=f"teachers.{i}.type")
+        return self
+
+    def member(self, index: int) -> "Recipe":
+        """This recipe with `teachers[index]` as its only `teacher:` (what the single-teacher code runs)."""
+        return self.model_copy(update={"teacher": self.teachers[index].single(), "teachers": None})
+
     def locate(self, error: DistilError) -> DistilError:
         """`error` with the recipe file and line filled in, when it names a recipe key but no file.
 
@@ -216,13 +287,7 @@ class Recipe(_Section):
         """
         if error.file is not None or not error.field or self.source is None:
             return error
-        path = tuple(int(p) if p.isdigit() else p for p in error.field.split("."))
-        if any(path[: len(o)] == o for o in self._overridden):
-            file, line = "command line", None
-        else:
-            file = self.source
-            line = next((self._lines[path[:n]] for n in range(len(path), 0, -1) if path[:n] in self._lines), None)
-        return DistilError(error.message, file=file, line=line, row=error.row, field=error.field)
+        return _locate(error, self.source, self._lines, self._overridden)
 
     def resolve(self, path: str) -> Path:
         """A path from the recipe, relative to the recipe file's folder unless absolute."""
@@ -241,6 +306,17 @@ class Recipe(_Section):
         return Path(os.path.expanduser(self.cache)) if self.cache else distil_home() / "teacher-cache"
 
 
+def _locate(error: DistilError, file: str, lines: dict, overridden: set) -> DistilError:
+    """`error` (which names a recipe key) with the file and line of that key."""
+    path = tuple(int(p) if p.isdigit() else p for p in error.field.split("."))
+    line = None
+    if any(path[: len(o)] == o for o in overridden):
+        file = "command line"
+    else:
+        line = next((lines[path[:n]] for n in range(len(path), 0, -1) if path[:n] in lines), None)
+    return DistilError(error.message, file=file, line=line, row=error.row, field=error.field)
+
+
 def _field_names(model: type[BaseModel]) -> list[str]:
     return [f.alias or n for n, f in model.model_fields.items() if not f.exclude]
 
@@ -249,11 +325,15 @@ def _section_model(path: tuple, root: type[BaseModel] | None = None) -> type[Bas
     """The pydantic model that validates the mapping at `path` (None if not a section)."""
     model: type[BaseModel] = root or Recipe
     for key in path:
+        if isinstance(key, int):  # an item of a list of sections (teachers.0): the item's model
+            continue
         field = model.model_fields.get(key)
         if field is None:
             return None
         ann = field.annotation
-        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        args = [a for x in getattr(ann, "__args__", (ann,)) for a in (getattr(x, "__args__", ()) if
+                getattr(x, "__origin__", None) is list else (x,))]
+        candidates = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
         if not candidates:
             return None
         model = candidates[0]
@@ -291,19 +371,35 @@ def _unknown_key_error(path: tuple, file: str, line: int | None, via: str = "",
     return DistilError(f"unknown key{via}{hint}", file=file, line=line, field=dotted)
 
 
+def _key_path(dotted: str) -> tuple:
+    """"teachers.1.weight" -> ("teachers", 1, "weight"): list items by index, as pydantic locates errors."""
+    return tuple(int(k) if k.isdigit() else k for k in dotted.strip().split("."))
+
+
 def apply_override(data: dict, override: str, root: type[BaseModel] | None = None) -> None:
     """Apply one `key.sub=value` override in place; the value is parsed as YAML."""
     if "=" not in override:
         raise DistilError(f"override '{override}' is not of the form key.sub=value", file="command line")
     dotted, raw = override.split("=", 1)
-    keys = dotted.strip().split(".")
+    keys = list(_key_path(dotted))
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise DistilError(f"cannot parse value '{raw}': {e.problem}", field=dotted) from None
     node = data
-    for depth, key in enumerate(keys[:-1]):
-        if not isinstance(node.get(key), dict):
+    for depth, key in enumerate(keys):
+        if isinstance(key, int) or isinstance(node, list):  # an item of a list (teachers.1.weight=2)
+            if not (isinstance(node, list) and isinstance(key, int) and key < len(node)):
+                raise DistilError("no such item in the recipe (items count from 0)", file="command line",
+                                  field=".".join(map(str, keys[: depth + 1])))
+            if depth == len(keys) - 1:
+                node[key] = value
+                return
+            node = node[key]
+            continue
+        if depth == len(keys) - 1:
+            break
+        if not isinstance(node.get(key), (dict, list)):
             if _section_model(tuple(keys[: depth + 1]), root) is None:
                 raise _unknown_key_error(tuple(keys[: depth + 1]), "command line", None, " in override", root)
             node[key] = {}
@@ -349,11 +445,13 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     overridden: set[tuple] = set()
     for override in overrides:
         apply_override(data, override, root)
-        overridden.add(tuple(override.split("=", 1)[0].strip().split(".")))
+        overridden.add(_key_path(override.split("=", 1)[0]))
     try:
         recipe = root.model_validate(data)
     except ValidationError as e:
         raise _validation_error(e, file, lines, overridden, root) from None
+    except DistilError as e:  # a check across keys (Recipe._teacher_sections) names the key itself
+        raise _locate(e, file, lines, overridden) from None
     recipe.source = file
     recipe._lines, recipe._overridden = lines, overridden
     return recipe
@@ -373,8 +471,11 @@ def _task_model(data: dict, overrides) -> type[BaseModel]:
 
 def _validation_error(e: ValidationError, file: str, lines: dict, overridden: set,
                       root: type[BaseModel] | None = None) -> DistilError:
-    err = e.errors()[0]
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-after", "literal["))))
+    errors = e.errors()
+    # A misspelt key also leaves its intended key missing: name the misspelling, it is what to fix.
+    err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-after", "literal[")))
+                and p != "[key]")  # a dict's bad key: the key is the field
     source = "command line" if any(loc[: len(o)] == o for o in overridden) else file
     line = None if source == "command line" else next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
     if err["type"] == "extra_forbidden":

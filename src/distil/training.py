@@ -210,15 +210,17 @@ def micro_batch_order(n_rows: int, micro_batch: int, seed: int, start: int, coun
     return batches
 
 
-def _save_checkpoint(folder: Path, step: int, objective: DistillationObjective, optimizer, scheduler,
-                     keep: int = 2) -> None:
+def save_checkpoint(folder: Path, step: int, write_model, state: dict, keep: int = 2) -> None:
+    """Write `folder/step-NNNNNNN` atomically: `write_model(tmp)` saves the weights, `state` (optimizer,
+    scheduler, RNG, step...) goes to train_state.pt; only the newest `keep` checkpoints stay.
+
+    A failed write (disk full) leaves the earlier checkpoints intact and raises a DistilError.
+    """
     tmp, final = folder / f".step-{step:07d}.tmp", folder / f"step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        objective.student.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "projections": objective.projections.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "train_state.pt")
+        write_model(tmp)
+        torch.save({"step": step, **state}, tmp / "train_state.pt")
     except Exception as e:  # safetensors and torch.save report write failures as their own error types
         shutil.rmtree(tmp, ignore_errors=True)
         reason = "disk full" if is_disk_full(e, folder) else str(e).splitlines()[0]
@@ -228,6 +230,14 @@ def _save_checkpoint(folder: Path, step: int, objective: DistillationObjective, 
     os.replace(tmp, final)
     for old in sorted(folder.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_checkpoint(folder: Path, step: int, objective: DistillationObjective, optimizer, scheduler,
+                     keep: int = 2) -> None:
+    save_checkpoint(folder, step, objective.student.save_pretrained,
+                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "projections": objective.projections.state_dict(),
+                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, keep)
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -325,7 +335,7 @@ def train_student(student, rows: list[dict], cfg, *, pad_id: int, out_dir: Path,
         random.setstate(state["python_rng"])
         start_step = state["step"]
         if accelerator.is_main_process:
-            _truncate_log(log_path, start_step)
+            truncate_log(log_path, start_step)
     elif log_path.exists() and accelerator.is_main_process:
         log_path.unlink()
 
@@ -400,7 +410,7 @@ def _check_hidden_layers(pairs, student, teacher) -> None:
                                   field=f"train.hidden.layers.{i}")
 
 
-def _truncate_log(path: Path, step: int) -> None:
+def truncate_log(path: Path, step: int) -> None:
     """Drop metrics past `step`, so a resumed run's log has each step once."""
     if not path.exists():
         return

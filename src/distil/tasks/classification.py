@@ -110,11 +110,16 @@ def load_split(recipe: ClassificationRecipe, which: str, tokenizer=None, classes
     return Split(x, torch.tensor([names.index(lab) for lab in labels]), names)
 
 
+def text_tokenizer(recipe: ClassificationRecipe):
+    """The teacher's tokenizer for text data (students read the same token ids); None for arrays / images."""
+    if recipe.teacher.model.startswith("factory:") or not _is_text(recipe):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(models.resolve(recipe.teacher.model).directory)
+
+
 def load_data(recipe: ClassificationRecipe) -> tuple[Split, Split]:
-    tokenizer = None
-    if not recipe.teacher.model.startswith("factory:") and _is_text(recipe):
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(models.resolve(recipe.teacher.model).directory)
+    tokenizer = text_tokenizer(recipe)
     train = load_split(recipe, "train", tokenizer)
     held_out = load_split(recipe, "eval", tokenizer, classes=train.classes)
     return train, held_out
@@ -150,13 +155,17 @@ def build_model(model: str, args: dict, config: dict | None, num_classes: int, i
     return auto.from_pretrained(directory, num_labels=num_classes, ignore_mismatched_sizes=True)
 
 
-def save_model(model: torch.nn.Module, folder: Path, spec: str, args: dict, num_classes: int, extra: dict) -> None:
-    """Save atomically: factory models as safetensors + distil_model.json, HF models with save_pretrained."""
+def save_model(model: torch.nn.Module, folder: Path, spec: str, args: dict, num_classes: int, extra: dict,
+               tokenizer=None) -> None:
+    """Save atomically: factory models as safetensors + distil_model.json, HF models with save_pretrained
+    (and the tokenizer, for text, so the folder is self-contained)."""
     def write(tmp: Path):
         if spec.startswith("factory:"):
             factory.save(model, tmp, spec, num_classes, args)
         else:
             model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
         (tmp / "distil_train.json").write_text(json.dumps(extra, indent=2, default=str))
     common.write_atomic(folder, write)
 
@@ -254,7 +263,7 @@ def train(recipe: ClassificationRecipe, resume: bool = False) -> dict:
     runs = [("student", cfg.alpha)] + ([("baseline", 1.0)] if recipe.eval.baseline else [])
     summaries = {}
     for name, alpha in runs:
-        settings = cfg.model_dump(exclude={"alpha", "temperature"} if alpha == 1.0 else None)
+        settings = cfg.model_dump(exclude={"checkpoint_every"} | ({"alpha", "temperature"} if alpha == 1.0 else set()))
         key = common.fingerprint(s.model_dump(), settings, alpha, train_split.digest(),
                                  common.tensor_digest(soft) if alpha < 1.0 else None)
         folder = recipe.out_dir / name
@@ -273,9 +282,12 @@ def train(recipe: ClassificationRecipe, resume: bool = False) -> dict:
         n = min(cfg.examples or len(train_split), len(train_split))
         summary = common.fit(model, loss_fn, n, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                              weight_decay=cfg.weight_decay, warmup=cfg.warmup, max_grad_norm=cfg.max_grad_norm,
-                             seed=cfg.seed, name=name, log_path=recipe.out_dir / f"train_{name}.jsonl")
+                             seed=cfg.seed, name=name, log_path=recipe.out_dir / f"train_{name}.jsonl",
+                             checkpoints=recipe.out_dir / "checkpoints" / name, checkpoint_every=cfg.checkpoint_every,
+                             resume=resume, fingerprint=key)
         summary["alpha"] = alpha
-        save_model(model, folder, s.model, s.args, len(train_split.classes), {"fingerprint": key, "summary": summary})
+        save_model(model, folder, s.model, s.args, len(train_split.classes), {"fingerprint": key, "summary": summary},
+                   tokenizer=text_tokenizer(recipe) if is_text else None)
         summaries[name] = summary
     return summaries
 
@@ -349,3 +361,42 @@ def evaluate(recipe: ClassificationRecipe) -> dict:
     common.write_json(recipe.out_dir / "report.json", report)
     write_task_report(report, recipe.out_dir / "report.html")
     return report
+
+
+# ----------------------------------------------------------------------------- export
+
+def export(recipe: ClassificationRecipe) -> dict:
+    """Write export.formats from <out>/student into <out>/exports, load each back in its runtime and
+    score it on the held-out split like the fp32 student; rows go into report.json / report.html."""
+    from distil.tasks.export import TaskRuntime, add_to_report, export_all, folder_size, rows_for
+
+    folder = recipe.out_dir / "student"
+    if not (folder / "distil_train.json").exists():
+        raise DistilError("no trained student; run `distil train` first", file=str(folder))
+    train_split, held_out = load_data(recipe)
+    teacher_logits = _cached_logits(recipe, train_split, held_out)["eval"]
+    artifacts = export_all(folder, recipe.export.formats, recipe.out_dir / "exports")
+    bs = recipe.eval.batch_size
+    reference_logits = None
+
+    def score(runtime) -> dict:
+        t0 = time.perf_counter()
+        logits = torch.cat([runtime.logits(held_out.take(torch.arange(i, min(i + bs, len(held_out))))).float()
+                            for i in range(0, len(held_out), bs)])
+        seconds = time.perf_counter() - t0
+        m = classification_metrics(logits, held_out.y, teacher_logits, recipe.eval.calibration_bins)
+        if reference_logits is not None:
+            m["student_agreement"] = float((logits.argmax(-1) == reference_logits.argmax(-1)).float().mean())
+            m["max_abs_logit_diff"] = float((logits - reference_logits).abs().max())
+        m["examples_per_s"] = round(len(held_out) / seconds, 1)
+        return m, logits
+
+    reference_runtime = TaskRuntime(folder)
+    metrics, reference_logits = score(reference_runtime)
+    reference = {"label": "student (fp32)", "format": "hf", "runtime": reference_runtime.runtime, "path": str(folder),
+                 "size_bytes": folder_size(folder), "metrics": metrics}
+    exports = {"reference": reference, "rows": rows_for(reference, artifacts, lambda r: score(r)[0]),
+               "note": f"{len(held_out)} held-out examples, batch {bs}, {torch.get_num_threads()} torch threads; "
+                       "student_agreement and max_abs_logit_diff compare with the fp32 student's logits."}
+    add_to_report(recipe.out_dir, exports)
+    return exports

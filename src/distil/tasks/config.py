@@ -13,7 +13,15 @@ from pydantic import Field
 from distil.recipe import Recipe, _Section
 
 
+class TaskExport(_Section):
+    """Artifacts written from <out>/student by `distil export` / at the end of `distil run`, each
+    loaded back in its runtime and scored with the task's metrics into the report."""
+    formats: list[Literal["hf", "onnx", "int8"]] = Field(default_factory=list,
+                                                         description="formats to export (none by default)")
+
+
 class _TaskRecipe(_Section):
+    export: TaskExport = TaskExport()
     out: str = "runs/task"
     cache: str | None = Field(None, description="teacher cache directory (default: $DISTIL_HOME/teacher-cache)")
     source: str | None = Field(None, exclude=True)
@@ -64,6 +72,8 @@ class ClassificationTrain(FitConfig):
     alpha: float = Field(0.5, ge=0, le=1, description="weight of hard-label cross-entropy; 1 - alpha goes to T^2 * KL")
     examples: int | None = Field(None, gt=0, description="train the student on the first N training examples only "
                                                           "(the teacher still learns from all of them)")
+    checkpoint_every: int = Field(200, ge=0, description="save model, optimizer, scheduler and RNG every N steps "
+                                                           "for `--resume` (0: never); not part of the fingerprint")
 
 
 class ClassificationEval(_Section):
@@ -119,6 +129,8 @@ class EmbeddingTrain(_Section):
     similarity_kl: float = Field(1.0, ge=0, description="weight of KL between in-batch similarity distributions")
     temperature: float = Field(0.05, gt=0, description="scale of cosine similarities in the similarity KL")
     seed: int = 0
+    checkpoint_every: int = Field(200, ge=0, description="save model, optimizer, scheduler and RNG every N steps "
+                                                           "for `--resume` (0: never); not part of the fingerprint")
 
 
 class EmbeddingEval(_Section):

