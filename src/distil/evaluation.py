@@ -136,14 +136,15 @@ def _read_logs(out: Path) -> dict[str, list[dict]]:
     return logs
 
 
-def evaluate_run(recipe, view, examples, rows: list[dict]) -> dict:
+def evaluate_run(recipe, view, examples, rows: list[dict], teacher_rows: list[dict] | None = None) -> dict:
     """Score teacher, student and (if trained) baseline; write <out>/report.json and report.html.
 
     Args:
         recipe: the validated recipe.
         view: a `distil.pipeline.TeacherPrompts` (teacher source and tokenizer).
         examples: the held-out examples, aligned with `rows`.
-        rows: their teacher-cache rows.
+        rows: their teacher-cache rows, as the student reads them (`view.student_rows`).
+        teacher_rows: the same rows in the teacher's vocabulary, where it differs (cross-tokenizer).
     """
     from distil.models import count_params, load_causal_lm
     from distil.progress import progress_bar
@@ -152,12 +153,16 @@ def evaluate_run(recipe, view, examples, rows: list[dict]) -> dict:
     from distil.teachers.local import stop_token_ids
 
     out = recipe.out_dir
-    tokenizer, pad_id = view.tokenizer, view.tokenizer.pad_token_id
+    teacher_rows = teacher_rows or rows
+    cross = teacher_rows is not rows
+    tokenizer = getattr(view, "student_tokenizer", view.tokenizer)
+    pad_id = tokenizer.pad_token_id
     names = ["student"] + (["baseline"] if recipe.eval.baseline and (out / "baseline").exists() else [])
     if not (out / "student").exists():
         raise DistilError("no trained student found; run `distil train` first", file=str(out / "student"))
     references = [ex.reference for ex in examples]
     ref_rows = reference_rows(rows, references, tokenizer)
+    teacher_ref_rows = reference_rows(teacher_rows, references, view.tokenizer) if cross else ref_rows
     bs, new_tokens = recipe.eval.batch_size, recipe.eval.max_new_tokens or recipe.generate.max_new_tokens
 
     with progress_bar() as bar:
@@ -166,15 +171,18 @@ def evaluate_run(recipe, view, examples, rows: list[dict]) -> dict:
         teacher = view.load_model()
         stop_ids = stop_token_ids(tokenizer, teacher)
         scores = {"teacher": [{"n": len(r["token_ids"]), "agree": float(len(r["token_ids"])), "kl": 0.0,
-                               "nll": -sum(r["token_logprobs"])} for r in rows]}
-        ref_scores = {"teacher": score_on_teacher_text(teacher, ref_rows, pad_id=pad_id, batch_size=bs)}
-        answers = {"teacher": [r["text"] for r in rows]}
+                               "nll": -sum(r["token_logprobs"])} for r in teacher_rows]}
+        ref_scores = {"teacher": score_on_teacher_text(teacher, teacher_ref_rows, pad_id=view.tokenizer.pad_token_id,
+                                                       batch_size=bs)}
+        answers = {"teacher": [r["text"] for r in teacher_rows]}
         info = {"teacher": {"name": view.source.name, "params": count_params(teacher),
                             "size_bytes": weights_size(view.source.directory), "path": str(view.source.directory)}}
         del teacher
         for name in names:
             bar.update(task, advance=1, status=name)
             model = load_causal_lm(out / name)
+            if cross:  # the student ends its turn with its own tokens, not the teacher's
+                stop_ids = stop_token_ids(tokenizer, model)
             scores[name] = score_on_teacher_text(model, rows, pad_id=pad_id, batch_size=bs)
             ref_scores[name] = score_on_teacher_text(model, ref_rows, pad_id=pad_id, batch_size=bs)
             answers[name] = generate_answers(model, tokenizer, rows, max_new_tokens=new_tokens, batch_size=bs,
@@ -183,10 +191,11 @@ def evaluate_run(recipe, view, examples, rows: list[dict]) -> dict:
                           "params": count_params(model), "size_bytes": weights_size(out / name), "path": str(out / name)}
             del model
 
-        speed_prompts = [r["prompt_ids"] for r in rows[: recipe.eval.speed_prompts]]
+        n_speed = recipe.eval.speed_prompts
         for name, directory in [("teacher", view.source.directory)] + [(n, out / n) for n in names]:
             bar.update(task, advance=1, status=f"timing {name}")
-            info[name].update(measure_in_subprocess(str(directory), speed_prompts))
+            prompts = [r["prompt_ids"] for r in (teacher_rows if name == "teacher" else rows)[:n_speed]]
+            info[name].update(measure_in_subprocess(str(directory), prompts))
         bar.update(task, advance=1, status="done")
 
     values: dict[str, dict[str, float]] = {}
@@ -232,6 +241,11 @@ def evaluate_run(recipe, view, examples, rows: list[dict]) -> dict:
         report["teachers"] = view.report(examples, rows, scores["student"])
     if (out / "teacher_usage.json").exists():  # an endpoint teacher: requests, tokens, estimated cost
         report["teacher_usage"] = json.loads((out / "teacher_usage.json").read_text())
+    if cross:  # how much of the teacher's text the student learned as distributions (distil.align)
+        report["cross_tokenizer"] = {"method": recipe.train.cross_tokenizer,
+                                     "held_out_alignment": getattr(view, "alignment", None),
+                                     "note": "teacher perplexity counts teacher tokens, the students' count "
+                                             "student tokens: compare perplexities within one tokenizer only"}
     if (out / "data_quality.json").exists():  # rows kept and rejected by reason, per category (written by train)
         report["data"] = json.loads((out / "data_quality.json").read_text())
     out.mkdir(parents=True, exist_ok=True)

