@@ -240,9 +240,12 @@ def test_sparse_kl_sum_is_mean_times_count():
     torch.testing.assert_close(total, mean * 6)
 
 
-def test_trainer_fast_path_matches_exact_sparse_kl():
-    """The trainer's one-log-softmax path equals sparse_forward_kl in value and gradient."""
-    from distil.losses import sparse_forward_kl_from_log_probs
+@pytest.mark.parametrize("name, params", [("forward_kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.3}),
+                                          ("skew_kl", {"alpha": 0.2}), ("skew_reverse_kl", {"alpha": 0.2}),
+                                          ("tvd", {})])
+def test_trainer_fast_path_matches_each_exact_sparse_divergence(name, params):
+    """The trainer's one-log-softmax path equals the divergence's exact sparse function in value and gradient."""
+    from distil.losses import divergence, sparse_divergence_from_log_probs, sparse_forward_kl_from_log_probs
 
     torch.manual_seed(0)
     n, v, k = 12, 300, 16
@@ -253,12 +256,15 @@ def test_trainer_fast_path_matches_exact_sparse_kl():
     for temperature in (1.0, 2.0):
         a = (torch.randn(n, v) * 2).requires_grad_()
         b = a.detach().clone().requires_grad_()
-        exact = sparse_forward_kl(a, top.indices, top.values.float(), tail.float(), temperature=temperature,
-                                  reduction="sum")
-        fast = sparse_forward_kl_from_log_probs(torch.log_softmax(b / temperature, -1), top.indices,
-                                                top.values.float(), tail.float(), temperature=temperature,
-                                                reduction="sum")
+        targets = (top.indices, top.values.float(), tail.float())
+        exact = divergence(name, **params)[1](a, *targets, temperature=temperature, reduction="sum")
+        fast = sparse_divergence_from_log_probs(name, torch.log_softmax(b / temperature, -1), *targets,
+                                                temperature=temperature, reduction="sum", **params)
         assert fast.item() == pytest.approx(exact.item(), rel=1e-5, abs=1e-6)
         exact.backward()
         fast.backward()
         torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-4)
+        if name == "forward_kl":
+            kl = sparse_forward_kl_from_log_probs(torch.log_softmax(a.detach() / temperature, -1), *targets,
+                                                  temperature=temperature, reduction="sum")
+            assert kl.item() == fast.item()

@@ -313,11 +313,22 @@ def sparse_forward_kl_from_log_probs(student_log_probs: torch.Tensor, topk_ids: 
         student_log_probs: (..., V) log_softmax(student_logits / temperature).
         topk_ids, topk_logprobs, tail_logprob, temperature, mask, reduction: as in `sparse_forward_kl`.
     """
+    return sparse_divergence_from_log_probs("forward_kl", student_log_probs, topk_ids, topk_logprobs, tail_logprob,
+                                            temperature=temperature, mask=mask, reduction=reduction)
+
+
+def sparse_divergence_from_log_probs(name: str, student_log_probs: torch.Tensor, topk_ids: torch.Tensor,
+                                     topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor, *,
+                                     temperature: float = 1.0, mask: torch.Tensor | None = None,
+                                     reduction: str = "mean", **params: float) -> torch.Tensor:
+    """Any sparse divergence of `DIVERGENCES` by name, from the student's already-normalised
+    log-probs (the tail as in `sparse_forward_kl_from_log_probs`); `params` as in `divergence`."""
+    _check_divergence(name, params)
     picked = student_log_probs.gather(-1, topk_ids)
     tail = torch.log1p(-picked.exp().sum(-1).clamp(max=1 - 1e-6))
     log_s = torch.cat([picked, tail.unsqueeze(-1)], dim=-1)
     log_t = bucket_teacher(topk_logprobs.float(), tail_logprob.float(), temperature)
-    return _reduce(_forward_kl(log_t, log_s), mask, reduction)
+    return _reduce(functools.partial(_PER_TOKEN[name], **params)(log_t, log_s), mask, reduction)
 
 
 def sparse_reverse_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,

@@ -486,9 +486,11 @@ def _validation_error(e: ValidationError, file: str, lines: dict, overridden: se
     # A value that fits no branch of a union (a name, or a dict of names): the deepest error under the
     # same field says what is wrong with the branch the value was meant for.
     under_first = [x for x in errors if _field_path(x["loc"])[: len(first)] == first]
-    # A misspelt key also leaves its intended key missing: name the misspelling, it is what to fix.
-    err = next((x for x in errors if x["type"] == "extra_forbidden"),
-               max(under_first, key=lambda x: len(_field_path(x["loc"]))))
+    # A wrong `task` decides which keys every other section may have: name it first. Then a misspelt
+    # key, which also leaves its intended key missing: the misspelling is what to fix.
+    err = next((x for x in errors if _field_path(x["loc"]) == ("task",)), None) or \
+        next((x for x in errors if x["type"] == "extra_forbidden"), None) or \
+        max(under_first, key=lambda x: len(_field_path(x["loc"])))
     loc = _field_path(err["loc"])
     source = "command line" if any(loc[: len(o)] == o for o in overridden) else file
     line = None if source == "command line" else next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)

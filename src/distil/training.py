@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from distil.errors import DistilError, is_disk_full
-from distil.losses import divergence, sparse_forward_kl_from_log_probs, sparse_uld
+from distil.losses import sparse_divergence_from_log_probs, sparse_uld
 
 
 @dataclass
@@ -115,11 +115,9 @@ class DistillationObjective(nn.Module):
         self.use_uld = cross_tokenizer in ("uld", "both")
         self.uld_weight = uld_weight if cross_tokenizer == "both" else 1.0
         self.student, self.alpha, self.temperature, self.chunk_tokens = student, alpha, temperature, chunk_tokens
-        # D = sum of weight * divergence over `loss` (one name: weight 1). forward_kl has a fast path
-        # below; the others use their exact sparse function with their `loss_params[name]`.
+        # D = sum of weight * divergence over `loss` (one name: weight 1), each with its `loss_params[name]`.
         terms = {loss: 1.0} if isinstance(loss, str) else dict(loss)
-        self.forward_kl_weight = terms.pop("forward_kl", 0.0)
-        self.sparse_terms = [(w, divergence(name, **(loss_params or {}).get(name, {}))[1]) for name, w in terms.items()]
+        self.terms = [(name, weight, (loss_params or {}).get(name, {})) for name, weight in terms.items()]
         self.hidden_pairs, self.hidden_loss, self.hidden_weight = list(hidden_pairs), hidden_loss, hidden_weight
         width = student.config.hidden_size
         teacher_width = teacher_width or width
@@ -139,13 +137,12 @@ class DistillationObjective(nn.Module):
         if self.use_uld:
             kd = kd + self.uld_weight * sparse_uld(logits, uld_lp, uld_tail, temperature=self.temperature,
                                                    mask=uld_mask, reduction="sum") / self.temperature ** 2
-        if self.use_kd and self.forward_kl_weight:
+        if self.use_kd:
             tempered = log_probs if self.temperature == 1.0 else torch.log_softmax(logits / self.temperature, dim=-1)
-            kd = kd + self.forward_kl_weight * sparse_forward_kl_from_log_probs(
-                tempered, topk_ids, topk_logprobs, tail, temperature=self.temperature, reduction="sum")
-        for weight, sparse_divergence in self.sparse_terms if self.use_kd else ():
-            kd = kd + weight * sparse_divergence(logits, topk_ids, topk_logprobs, tail, temperature=self.temperature,
-                                                 reduction="sum")
+            for name, weight, params in self.terms:
+                kd = kd + weight * sparse_divergence_from_log_probs(
+                    name, tempered, topk_ids, topk_logprobs, tail, temperature=self.temperature, reduction="sum",
+                    **params)
         return alpha * ce + (1 - alpha) * self.temperature ** 2 * kd, ce, kd
 
     def _hidden_loss(self, student_states, teacher_states) -> torch.Tensor:
