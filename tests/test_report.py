@@ -159,3 +159,46 @@ def test_overwrites_existing_file(tmp_path, report):
     write_html_report(report, str(path))
     assert "old" != path.read_text(encoding="utf-8")
     assert [p.name for p in tmp_path.iterdir()] == ["r.html"]
+
+
+def _rows(agree, n=10, kl=1.0, nll=2.0):
+    return [{"n": n, "agree": a, "kl": kl, "nll": nll} for a in agree]
+
+
+def test_paired_bootstrap_against_a_plain_loop():
+    """The vectorised paired bootstrap equals a row-by-row loop over the same resampled indices."""
+    import math
+
+    import numpy as np
+
+    from distil.evaluation import paired_bootstrap, summarize
+
+    rng = np.random.default_rng(1)
+    a = [{"n": int(n), "agree": float(rng.integers(0, n + 1)), "kl": float(rng.random() * n), "nll": float(rng.random() * 3 * n)}
+         for n in rng.integers(1, 40, size=30)]
+    b = [{**r, "agree": float(max(0, r["agree"] - rng.integers(0, 3))), "nll": r["nll"] * 1.1} for r in a]
+    got = paired_bootstrap(a, b, resamples=300, seed=7)
+    idx = np.random.default_rng(7).integers(0, len(a), size=(300, len(a)))
+    for metric in ("top1_agreement", "teacher_kl", "perplexity"):
+        diffs = [summarize([a[i] for i in row])[metric] - summarize([b[i] for i in row])[metric] for row in idx]
+        assert got[metric] == pytest.approx([np.percentile(diffs, 2.5), np.percentile(diffs, 97.5)], rel=1e-9)
+    assert got["perplexity"][1] < 0  # b's NLL is 10% higher on every row: a's perplexity is lower in every resample
+    assert got["teacher_kl"] == [0.0, 0.0]
+    assert not math.isnan(got["top1_agreement"][0])
+
+
+def test_identical_models_have_a_zero_interval_and_a_dominating_one_a_positive_interval():
+    from distil.evaluation import paired_bootstrap
+
+    same = paired_bootstrap(_rows([3, 5, 7, 2]), _rows([3, 5, 7, 2]))
+    assert same["top1_agreement"] == [0.0, 0.0]
+    better = paired_bootstrap(_rows([4, 6, 8, 3]), _rows([3, 5, 7, 2]))
+    assert better["top1_agreement"][0] == pytest.approx(0.1) and better["top1_agreement"][1] == pytest.approx(0.1)
+
+
+def test_report_shows_student_minus_baseline_with_its_interval(tmp_path, report):
+    report = copy.deepcopy(report)
+    name = next(iter(report["metrics"]))
+    report["metrics"][name]["student_minus_baseline"] = {"value": 0.0031, "ci95": [-0.004, 0.0102]}
+    html = write_html_report(report, tmp_path / "r.html").read_text()
+    assert "student \u2212 baseline [95% CI]" in html and "+0.0031 [-0.004, +0.0102]" in html

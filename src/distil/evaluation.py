@@ -21,6 +21,7 @@ import re
 import string
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from distil.cache import TeacherCache
@@ -117,6 +118,24 @@ def summarize(scores: list[dict]) -> dict:
     n = sum(s["n"] for s in scores)
     return {"top1_agreement": sum(s["agree"] for s in scores) / n, "teacher_kl": sum(s["kl"] for s in scores) / n,
             "perplexity": math.exp(sum(s["nll"] for s in scores) / n)}
+
+
+def paired_bootstrap(a: list[dict], b: list[dict], *, resamples: int = 2000, seed: int = 0) -> dict[str, list[float]]:
+    """95% intervals of summarize(a)[m] - summarize(b)[m] for each metric, resampling held-out rows
+    with replacement, the same rows for both models (they were scored on the same text).
+
+    Tells whether a student-vs-baseline gap is larger than the choice of held-out rows explains.
+    """
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(resamples, len(a)))
+    n = np.array([s["n"] for s in a], dtype=np.float64)[idx].sum(1)
+    diffs = {}
+    for key, metric in (("agree", "top1_agreement"), ("kl", "teacher_kl"), ("nll", "perplexity")):
+        mean_a = np.array([s[key] for s in a], dtype=np.float64)[idx].sum(1) / n
+        mean_b = np.array([s[key] for s in b], dtype=np.float64)[idx].sum(1) / n
+        diff = np.exp(mean_a) - np.exp(mean_b) if key == "nll" else mean_a - mean_b
+        diffs[metric] = [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))]
+    return diffs
 
 
 def weights_size(directory: Path) -> int:
@@ -224,6 +243,11 @@ def evaluate_run(recipe, view, examples, rows: list[dict], teacher_rows: list[di
         entry.update(higher_is_better=higher[metric], description=described[metric],
                      retention=None if metric == "teacher_kl" else retention(entry["teacher"], entry["student"], higher[metric]))
         metrics[metric] = entry
+    if "baseline" in scores:  # is the student's gap to the baseline more than the held-out rows' luck?
+        for metric, interval in paired_bootstrap(scores["student"], scores["baseline"]).items():
+            metrics[metric]["student_minus_baseline"] = {
+                "value": metrics[metric]["student"] - metrics[metric]["baseline"], "ci95": interval,
+                "resampled": "held-out rows, paired, 2000 times"}
 
     per_category = _per_category(examples, rows, scores, answers, references)
     compression = info["teacher"]["params"] / info["student"]["params"]

@@ -342,24 +342,37 @@ def _models_section(report: Mapping[str, Any]) -> str:
     return "<h2>Models</h2>" + _table(header, rows, text_cols=[1])
 
 
+def _fmt_gap(gap: Any) -> str:
+    """'+0.003 [-0.004, +0.010]': the student's difference to the baseline and its bootstrap interval."""
+    if not isinstance(gap, Mapping) or _num(gap.get("value")) is None:
+        return _DASH
+    low, high = (gap.get("ci95") or [None, None])[:2]
+    interval = f" [{low:+.3g}, {high:+.3g}]" if _num(low) is not None and _num(high) is not None else ""
+    return f"{gap['value']:+.3g}{interval}"
+
+
 def _metrics_section(report: Mapping[str, Any], roles: list[str]) -> tuple[str, list[str]]:
     """The metrics table and one bar-chart <img> per metric with a numeric value."""
     metrics = report.get("metrics")
     if not isinstance(metrics, Mapping) or not metrics:
         return "", []
     rows, imgs = [], []
+    gaps = any(isinstance(m, Mapping) and isinstance(m.get("student_minus_baseline"), Mapping)
+               for m in metrics.values())
     for name, m in metrics.items():
         if not isinstance(m, Mapping):
             continue
         hib = m.get("higher_is_better")
         arrow = ('<span title="higher is better">\u2191</span>' if hib is True else
                  '<span title="lower is better">\u2193</span>' if hib is False else _DASH)
-        rows.append([_e(name)] + [_e(_fmt_value(m.get(r))) for r in roles]
+        gap = [_e(_fmt_gap(m.get("student_minus_baseline")))] if gaps else []
+        rows.append([_e(name)] + [_e(_fmt_value(m.get(r))) for r in roles] + gap
                     + [arrow, _e(_fmt_pct(m.get("retention"))), _e(m.get("description", ""))])
         img = _metric_plot(str(name), m, roles)
         if img:
             imgs.append(img)
-    header = ["metric"] + roles + ["better", "retention", "description"]
+    header = ["metric"] + roles + (["student \u2212 baseline [95% CI]"] if gaps else []) + \
+        ["better", "retention", "description"]
     return "<h2>Metrics</h2>" + _table(header, rows, text_cols=[len(header) - 1]), imgs
 
 
