@@ -4,7 +4,7 @@ Usage: python bench/export_speed.py RUN_DIR   (RUN_DIR holds student/ and export
 written by `distil run export.formats=[onnx,int8]` on recipes/quickstart.yaml; $DISTIL_HOME as for that run)
 Round-robin, so a change in machine load hits every model alike.
 """
-import json, statistics, sys, time, os
+import json, statistics, sys, os
 import torch
 from distil.runtimes import open_runtime
 from distil.deploy_eval import tokens_per_s

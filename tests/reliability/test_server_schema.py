@@ -8,7 +8,6 @@ Quick by default (25 examples per operation); `pytest --reliability-full` sends 
 from __future__ import annotations
 
 import httpx
-import pytest
 import schemathesis
 from endpoints import ThreadServer
 from hypothesis import HealthCheck, given, settings

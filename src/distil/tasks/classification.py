@@ -368,7 +368,7 @@ def evaluate(recipe: ClassificationRecipe) -> dict:
 def export(recipe: ClassificationRecipe) -> dict:
     """Write export.formats from <out>/student into <out>/exports, load each back in its runtime and
     score it on the held-out split like the fp32 student; rows go into report.json / report.html."""
-    from distil.tasks.export import TaskRuntime, add_to_report, export_all, folder_size, rows_for
+    from distil.tasks.export import add_to_report, export_all, score_exports
 
     folder = recipe.out_dir / "student"
     if not (folder / "distil_train.json").exists():
@@ -377,9 +377,8 @@ def export(recipe: ClassificationRecipe) -> dict:
     teacher_logits = _cached_logits(recipe, train_split, held_out)["eval"]
     artifacts = export_all(folder, recipe.export.formats, recipe.out_dir / "exports")
     bs = recipe.eval.batch_size
-    reference_logits = None
 
-    def score(runtime) -> dict:
+    def score(runtime, reference_logits):
         t0 = time.perf_counter()
         logits = torch.cat([runtime.logits(held_out.take(torch.arange(i, min(i + bs, len(held_out))))).float()
                             for i in range(0, len(held_out), bs)])
@@ -391,12 +390,8 @@ def export(recipe: ClassificationRecipe) -> dict:
         m["examples_per_s"] = round(len(held_out) / seconds, 1)
         return m, logits
 
-    reference_runtime = TaskRuntime(folder)
-    metrics, reference_logits = score(reference_runtime)
-    reference = {"label": "student (fp32)", "format": "hf", "runtime": reference_runtime.runtime, "path": str(folder),
-                 "size_bytes": folder_size(folder), "metrics": metrics}
-    exports = {"reference": reference, "rows": rows_for(reference, artifacts, lambda r: score(r)[0]),
-               "note": f"{len(held_out)} held-out examples, batch {bs}, {torch.get_num_threads()} torch threads; "
-                       "student_agreement and max_abs_logit_diff compare with the fp32 student's logits."}
+    exports = score_exports(folder, artifacts, score,
+                            f"{len(held_out)} held-out examples, batch {bs}, {torch.get_num_threads()} torch threads; "
+                            "student_agreement and max_abs_logit_diff compare with the fp32 student's logits.")
     add_to_report(recipe.out_dir, exports)
     return exports

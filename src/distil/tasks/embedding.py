@@ -367,7 +367,7 @@ def export(recipe: EmbeddingRecipe) -> dict:
     """Write export.formats from <out>/student into <out>/exports, load each back in its runtime and
     score it on the held-out rows like the fp32 student (retrieval, kNN, cosine to the fp32
     student's embeddings, sentences/s); rows go into report.json / report.html."""
-    from distil.tasks.export import TaskRuntime, add_to_report, export_all, folder_size, rows_for
+    from distil.tasks.export import add_to_report, export_all, score_exports
 
     d, e = recipe.data, recipe.eval
     folder = recipe.out_dir / "student"
@@ -376,9 +376,8 @@ def export(recipe: EmbeddingRecipe) -> dict:
     rows = eval_rows(recipe)
     sentences = eval_sentences(recipe, rows)
     artifacts = export_all(folder, recipe.export.formats, recipe.out_dir / "exports")
-    reference_emb = None
 
-    def score(runtime) -> dict:
+    def score(runtime, reference_emb):
         t0 = time.perf_counter()
         emb = runtime.encode(sentences, e.batch_size)
         m = {"sentences_per_s": round(len(sentences) / (time.perf_counter() - t0), 1)}
@@ -397,13 +396,9 @@ def export(recipe: EmbeddingRecipe) -> dict:
             m["max_abs_diff"] = float((emb - reference_emb).abs().max())
         return m, emb
 
-    reference_runtime = TaskRuntime(folder)
-    metrics, reference_emb = score(reference_runtime)
-    reference = {"label": "student (fp32)", "format": "hf", "runtime": reference_runtime.runtime, "path": str(folder),
-                 "size_bytes": folder_size(folder), "metrics": metrics}
-    exports = {"reference": reference, "rows": rows_for(reference, artifacts, lambda r: score(r)[0]),
-               "note": f"{len(sentences)} held-out sentences, batch {e.batch_size}, {torch.get_num_threads()} torch "
-                       "threads, tokenized by each artifact's own tokenizer; cosine_to_student and max_abs_diff "
-                       "compare with the fp32 student's embeddings of the same sentences."}
+    exports = score_exports(folder, artifacts, score,
+                            f"{len(sentences)} held-out sentences, batch {e.batch_size}, {torch.get_num_threads()} "
+                            "torch threads, tokenized by each artifact's own tokenizer; cosine_to_student and "
+                            "max_abs_diff compare with the fp32 student's embeddings of the same sentences.")
     add_to_report(recipe.out_dir, exports)
     return exports

@@ -15,7 +15,7 @@ Formats (a folder each, with `distil_export.json` saying format and model kind):
 
 `TaskRuntime` loads any of them (and the fp32 source) behind one interface: `logits(x)` for
 classifiers, `encode(sentences)` for embedders, so the task modules' `export` stage scores every
-artifact and the fp32 student with the same metric code (`rows_for`, `add_to_report`).
+artifact and the fp32 student with the same metric code (`score_exports`, `add_to_report`).
 """
 
 from __future__ import annotations
@@ -339,18 +339,31 @@ def export_all(student_dir: Path, formats: list[str], out_dir: Path) -> list[Exp
     return [export_task_model(student_dir, fmt, out_dir / f"student-{fmt}") for fmt in formats]
 
 
-def rows_for(reference: dict, artifacts: list[Exported], score) -> list[dict]:
-    """One report row per artifact: `score(runtime)`'s metrics, size on disk, and each metric's
-    change against the fp32 student's `reference` row."""
+def score_exports(folder: Path, artifacts: list[Exported], score, note: str) -> dict:
+    """The "exports" block of a task report: the fp32 student's metrics and one row per artifact.
+
+    Args:
+        folder: the trained fp32 student.
+        artifacts: what `export_all` wrote.
+        score: `score(runtime, reference_outputs) -> (metrics, outputs)`; called first for the student
+            with reference_outputs None, then for each artifact with the student's outputs.
+        note: how the rows were measured, for the report.
+    Returns:
+        {"reference": the student's row, "rows": one per artifact with each metric's "change" against
+        the student, "note": note}.
+    """
+    student = TaskRuntime(folder)
+    metrics, outputs = score(student, None)
+    reference = {"label": "student (fp32)", "format": "hf", "runtime": student.runtime, "path": str(folder),
+                 "size_bytes": folder_size(folder), "metrics": metrics}
     rows = []
     for artifact in artifacts:
         runtime = TaskRuntime(artifact.path)
-        metrics = score(runtime)
+        m = score(runtime, outputs)[0]
         rows.append({"label": artifact.label, "format": artifact.format, "runtime": runtime.runtime,
-                     "path": str(artifact.path), "size_bytes": artifact.size_bytes, "metrics": metrics,
-                     "change": {k: metrics[k] - reference["metrics"][k] for k in metrics
-                                if isinstance(reference["metrics"].get(k), float)}})
-    return rows
+                     "path": str(artifact.path), "size_bytes": artifact.size_bytes, "metrics": m,
+                     "change": {k: m[k] - metrics[k] for k in m if isinstance(metrics.get(k), float)}})
+    return {"reference": reference, "rows": rows, "note": note}
 
 
 def add_to_report(out_dir: Path, exports: dict) -> None:
