@@ -127,6 +127,25 @@ def test_gguf_reads_back_in_gguf_and_transformers(bpe_model_dir, tmp_path, disti
     assert load_tokenizer(resolved.directory)(TEXT)["input_ids"] == ids
 
 
+@pytest.mark.parametrize("quant,tolerance", [("f16", 0.02), ("q8_0", 0.1)])
+def test_gguf_runs_in_llama_cpp_itself(bpe_model_dir, tmp_path, quant, tolerance):
+    """llama.cpp (llama-cpp-python, the `llama` extra, built from source) loads the export, tokenizes
+    like the HF tokenizer, and gives the logits of the source with its weights rounded as stored."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model, tokenizer = _source(bpe_model_dir)
+    artifact = export_model(bpe_model_dir, "gguf", tmp_path / f"m-{quant}.gguf", quant)
+    llm = llama_cpp.Llama(str(artifact.path), n_ctx=128, logits_all=True, n_threads=1, verbose=False)
+    ids = tokenizer(TEXT)["input_ids"]
+    assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == ids
+    llm.eval(ids)
+    got = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    want = _logits(_rounded(model, quant), ids)
+    # llama.cpp multiplies in its own precision (f16; q8_0 also rounds the activations to 8 bits):
+    # 0.5% (f16) and 4.4% (q8_0) of the largest logit here
+    assert (got - want).abs().max().item() < tolerance * want.abs().max().item()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.9
+
+
 def test_gguf_refuses_a_tokenizer_llama_cpp_cannot_reproduce(tiny_model_dir, tmp_path):
     with pytest.raises(DistilError, match="tokenizer.*WordLevel"):
         export_model(tiny_model_dir, "gguf", tmp_path / "m.gguf")

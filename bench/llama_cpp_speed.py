@@ -1,0 +1,75 @@
+"""Batch-1 greedy tokens/s of the quickstart student's GGUF exports in llama.cpp itself, beside
+the fp32 student and teacher in torch (distil's runtime), round-robin, median of 3 rounds.
+
+Needs llama-cpp-python (the `llama` extra; it builds llama.cpp from source, ~7-13 minutes here).
+
+    python bench/llama_cpp_speed.py RUN_DIR    # RUN_DIR: a finished quickstart run (student/)
+
+Writes the GGUF files to RUN_DIR/exports if they are not there. Same 4 held-out prompts and
+32 new tokens for every model; both runtimes use 2 threads.
+"""
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from llama_cpp import Llama
+
+from distil import pipeline
+from distil.deploy_eval import tokens_per_s
+from distil.export import export_model
+from distil.recipe import load_recipe
+from distil.runtimes import open_runtime
+
+NEW_TOKENS, THREADS = 32, 2
+
+
+def llama_tokens_per_s(llm: Llama, prompts: list[list[int]]) -> float:
+    """Greedy decoding, every prompt to NEW_TOKENS tokens (no early stop), after one warm-up, as
+    distil.deploy_eval.tokens_per_s does for the torch runtimes."""
+    def decode(ids: list[int]) -> None:
+        llm.reset()
+        llm.eval(ids)
+        for i in range(NEW_TOKENS):
+            token = int(llm.scores[llm.n_tokens - 1].argmax())
+            if i < NEW_TOKENS - 1:
+                llm.eval([token])
+
+    decode(prompts[0])
+    start = time.perf_counter()
+    for ids in prompts:
+        decode(ids)
+    return len(prompts) * NEW_TOKENS / (time.perf_counter() - start)
+
+
+def main(run: Path) -> dict:
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml", [f"out={run}"])
+    _, held_out = pipeline.load_data(recipe)
+    view = pipeline.TeacherPrompts(recipe)
+    prompts = [r["prompt_ids"] for r in pipeline._cached_rows(recipe, view.keys(held_out), "held-out")[:4]]
+    torch.set_num_threads(THREADS)
+    ggufs = {}
+    for quant in ("f16", "q8_0"):
+        path = run / "exports" / f"student-gguf-{quant}.gguf"
+        if not path.exists():
+            export_model(run / "student", "gguf", path, quant)
+        ggufs[f"student gguf {quant} (llama.cpp)"] = Llama(str(path), n_ctx=512, n_threads=THREADS, verbose=False)
+    torch_models = {"teacher fp32 (torch)": open_runtime(view.source.directory),
+                    "student fp32 (torch)": open_runtime(run / "student")}
+    results = {name: [] for name in [*torch_models, *ggufs]}
+    for round_ in range(3):
+        for name, runtime in torch_models.items():
+            results[name].append(tokens_per_s(runtime, prompts, pad_id=view.tokenizer.pad_token_id,
+                                              max_new_tokens=NEW_TOKENS))
+        for name, llm in ggufs.items():
+            results[name].append(llama_tokens_per_s(llm, prompts))
+        print(round_, {k: round(v[-1], 1) for k, v in results.items()}, "load", os.getloadavg(), flush=True)
+    return {name: {"median": round(statistics.median(v), 1), "all": [round(x, 1) for x in v]}
+            for name, v in results.items()}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(Path(sys.argv[1]).resolve()), indent=1))
