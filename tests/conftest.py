@@ -167,6 +167,22 @@ def run_cli(*args: str, env_extra: dict | None = None, timeout: float = 300) -> 
                           env=env, timeout=timeout, cwd=str(REPO))
 
 
+def die_after_checkpoint(monkeypatch, module, kill_at: int, train) -> None:
+    """Run `train()` with `module._save_checkpoint` raising KeyboardInterrupt right after it wrote the
+    checkpoint of step `kill_at` (a kill at the worst moment that still leaves a checkpoint)."""
+    original = module._save_checkpoint
+
+    def save_then_die(folder, step, *args, **kwargs):
+        original(folder, step, *args, **kwargs)
+        if step == kill_at:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(module, "_save_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            train()
+
+
 def pytest_configure(config):
     # The models here are tiny: one thread avoids thread start-up and contention costs, and
     # keeps float results independent of the machine's core count.

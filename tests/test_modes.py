@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from conftest import tiny_recipe_dict
+from conftest import die_after_checkpoint, tiny_recipe_dict
 from transformers import AutoModelForCausalLM
 
 import distil.training as train_module
@@ -25,17 +25,7 @@ def cached(load):
 
 def _train_killed_then_resumed(recipe, monkeypatch, kill_at: int = 4):
     """Train, die right after the checkpoint of step `kill_at`, then resume."""
-    original = train_module._save_checkpoint
-
-    def save_then_die(folder, step, *args, **kwargs):
-        original(folder, step, *args, **kwargs)
-        if step == kill_at:
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(train_module, "_save_checkpoint", save_then_die)
-        with pytest.raises(KeyboardInterrupt):
-            pipeline.train(recipe, resume=True)
+    die_after_checkpoint(monkeypatch, train_module, kill_at, lambda: pipeline.train(recipe, resume=True))
     return pipeline.train(recipe, resume=True)
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import die_after_checkpoint
 from distil.errors import DistilError
 from distil.recipe import Recipe, load_recipe
 from distil.tasks.config import ClassificationRecipe, EmbeddingRecipe
@@ -318,17 +319,7 @@ def _killed_then_resumed(recipe, monkeypatch, kill_at: int) -> dict:
     from distil import pipeline
     from distil.tasks import common
 
-    original = common._save_checkpoint
-
-    def save_then_die(folder, step, *args, **kwargs):
-        original(folder, step, *args, **kwargs)
-        if step == kill_at:
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(common, "_save_checkpoint", save_then_die)
-        with pytest.raises(KeyboardInterrupt):
-            pipeline.train(recipe)
+    die_after_checkpoint(monkeypatch, common, kill_at, lambda: pipeline.train(recipe))
     assert not (recipe.out_dir / "student").exists()
     return pipeline.train(recipe, resume=True)
 
