@@ -473,3 +473,6 @@ def test_recipe_takes_a_weighted_sum_of_divergences(load):
     with pytest.raises(DistilError) as err:
         load("train.loss={forward_kl: 0.5, kl_forward: 0.5}")
     assert err.value.field == "train.loss.kl_forward"
+    with pytest.raises(DistilError) as err:
+        load("train.loss={}")
+    assert err.value.field == "train.loss" and "at least 1 item" in str(err.value)

@@ -183,7 +183,7 @@ class TrainConfig(_Section):
     warmup: int = Field(10, ge=0, description="linear warmup steps")
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    loss: Divergence | dict[Divergence, Annotated[float, Field(gt=0)]] = Field(
+    loss: Divergence | Annotated[dict[Divergence, Annotated[float, Field(gt=0)]], Field(min_length=1)] = Field(
         "forward_kl", description="divergence to the teacher's cached top-k (docs/losses.md), or a weighted sum "
                                   "of several, e.g. {forward_kl: 0.5, tvd: 0.5}")
     beta: float = Field(0.5, ge=0, le=1, description="jsd's mixture weight")
@@ -479,6 +479,11 @@ def _field_path(loc: tuple) -> tuple:
                  and p != "[key]")
 
 
+def _meant_for_branch(error: dict) -> bool:
+    """Whether a union branch's error is about a value of that branch's own kind (a dict for dict[...])."""
+    return any(isinstance(p, str) and p.startswith("dict[") for p in error["loc"]) and isinstance(error.get("input"), dict)
+
+
 def _validation_error(e: ValidationError, file: str, lines: dict, overridden: set,
                       root: type[BaseModel] | None = None) -> DistilError:
     errors = e.errors()
@@ -490,7 +495,7 @@ def _validation_error(e: ValidationError, file: str, lines: dict, overridden: se
     # key, which also leaves its intended key missing: the misspelling is what to fix.
     err = next((x for x in errors if _field_path(x["loc"]) == ("task",)), None) or \
         next((x for x in errors if x["type"] == "extra_forbidden"), None) or \
-        max(under_first, key=lambda x: len(_field_path(x["loc"])))
+        max(under_first, key=lambda x: (len(_field_path(x["loc"])), _meant_for_branch(x)))
     loc = _field_path(err["loc"])
     source = "command line" if any(loc[: len(o)] == o for o in overridden) else file
     line = None if source == "command line" else next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
