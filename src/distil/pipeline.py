@@ -169,13 +169,14 @@ def _teacher_stop_ids(view: TeacherPrompts) -> set[int]:
     return stop_token_ids(view.tokenizer, SimpleNamespace(config=config, generation_config=generation))
 
 
+def _student_tokenizer(view):
+    """The tokenizer the student reads: the teacher's, or its own with train.cross_tokenizer."""
+    return getattr(view, "student_tokenizer", view.tokenizer)
+
+
 def _cross(view) -> bool:
     """Whether the student reads another tokenizer than the view's teacher (train.cross_tokenizer)."""
-    return getattr(view, "student_tokenizer", view.tokenizer) is not view.tokenizer
-
-
-def _student_tokenizer(view):
-    return getattr(view, "student_tokenizer", view.tokenizer)
+    return _student_tokenizer(view) is not view.tokenizer
 
 
 def teacher_view(recipe: Recipe):
