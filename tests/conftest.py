@@ -93,6 +93,28 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def bpe_model_dir(tmp_path_factory):
+    """A tiny Llama with a byte-level BPE tokenizer (the kind GGUF/llama.cpp take), saved once."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([" ".join(PROMPT_WORDS)] * 5, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>")
+    fast.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}" \
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    folder = tmp_path_factory.mktemp("bpe") / "bpe-llama"
+    model = build_tiny_llama(len(fast), fast.eos_token_id, fast.pad_token_id, seed=1)
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def distil_home(tmp_path, monkeypatch) -> Path:
     """$DISTIL_HOME pointed at a fresh temporary folder."""

@@ -18,34 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PROMPT_WORDS, SPECIAL_TOKENS, build_tiny_llama, run_cli
+from conftest import run_cli
 from distil.errors import DistilError
 from distil.export import export_model, load_int8, size_on_disk
 from distil.runtimes import OnnxRuntime, TorchRuntime, greedy
 
 TEXT = "what is the best way to learn a new language quickly ? tell me about stars 123 and moons"
-
-
-@pytest.fixture(scope="module")
-def bpe_model_dir(tmp_path_factory):
-    """A tiny Llama with a byte-level BPE tokenizer (the kind GGUF/llama.cpp take), saved once."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([" ".join(PROMPT_WORDS)] * 5, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>")
-    fast.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}" \
-                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    folder = tmp_path_factory.mktemp("bpe") / "bpe-llama"
-    model = build_tiny_llama(len(fast), fast.eos_token_id, fast.pad_token_id, seed=1)
-    model.save_pretrained(folder)
-    fast.save_pretrained(folder)
-    return folder
 
 
 def _logits(model, ids: list[int]) -> torch.Tensor:

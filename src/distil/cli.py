@@ -200,8 +200,14 @@ def speculate(target: str = typer.Option(..., "--target", help="The large model 
                                                                             "data); default: the shipped quickstart held-out set."),
               n: int = typer.Option(8, "--n", min=1, help="Use the first N prompts."),
               max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
-              draft_tokens: Optional[int] = typer.Option(None, "--draft-tokens", min=1,
-                                                         help="Tokens the draft proposes per round (default: transformers' adaptive schedule).")):
+              draft_tokens: Optional[int] = typer.Option(3, "--draft-tokens", min=1,
+                                                         help="Tokens the draft proposes per round."),
+              engine: str = typer.Option("distil", "--engine", help="distil (our own loop) or transformers "
+                                                                     "(assisted generation), for both runs."),
+              draft_runtime: str = typer.Option("torch", "--draft-runtime", help="torch, or llama.cpp for a .gguf draft "
+                                                                                  "(the `llama` extra)."),
+              prepack: bool = typer.Option(True, "--prepack/--no-prepack", help="On a CPU, run the torch models' Linear "
+                                                                                "layers through oneDNN with packed weights.")):
     """Speculative decoding: the student drafts, the teacher verifies. Reports acceptance rate, tokens/s with
     and without the draft, and whether greedy output is identical to the target's alone.
 
@@ -215,7 +221,8 @@ def speculate(target: str = typer.Option(..., "--target", help="The large model 
 
     examples = load_examples(Path(prompts) if prompts else shipped("data/quickstart/eval.jsonl"))[:n]
     _print(speculate_paths(target, draft, [ex.messages[-1]["content"] for ex in examples],
-                           max_new_tokens=max_new_tokens, draft_tokens=draft_tokens))
+                           max_new_tokens=max_new_tokens, draft_tokens=draft_tokens, engine=engine, prepack=prepack,
+                           draft_runtime=draft_runtime))
 
 
 def main() -> None:
