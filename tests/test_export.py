@@ -124,6 +124,37 @@ def test_gguf_runs_in_llama_cpp_itself(bpe_model_dir, tmp_path, quant, tolerance
     assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.9
 
 
+def test_gguf_exports_are_scored_and_timed_in_llama_cpp(bpe_model_dir, tmp_path):
+    """With the `llama` extra, a GGUF row of the report is llama.cpp's own numbers, one row at a time."""
+    pytest.importorskip("llama_cpp")
+    from distil.deploy_eval import evaluate_runtime
+    from distil.runtimes import LlamaCppRuntime, open_runtime
+
+    model, tokenizer = _source(bpe_model_dir)
+    runtime = open_runtime(export_model(bpe_model_dir, "gguf", tmp_path / "m.gguf", "f16").path)
+    assert isinstance(runtime, LlamaCppRuntime) and runtime.max_rows == 1
+    prompts = [tokenizer(p)["input_ids"] for p in ("how do you cook rice ?", "tell me about stars and planets and moons")]
+    kwargs = dict(max_new_tokens=8, stop_ids=set(), pad_id=tokenizer.pad_token_id)
+    assert greedy(runtime, prompts[:1], **kwargs) == greedy(TorchRuntime(model), prompts[:1], **kwargs)
+    with pytest.raises(DistilError, match="one row at a time"):
+        greedy(runtime, prompts, **kwargs)
+    # rows whose "teacher" is the source model itself: its top-8 log-probs on its own greedy text
+    rows = []
+    for ids, out in zip(prompts, greedy(TorchRuntime(model), prompts, **kwargs)):
+        logp = torch.log_softmax(_logits(model, ids + out)[len(ids) - 1:-1], -1)
+        top = logp.topk(8)
+        rows.append({"prompt_ids": ids, "token_ids": out, "topk_ids": top.indices.tolist(),
+                     "topk_logprobs": top.values.tolist(),
+                     "tail_logprob": torch.log1p(-top.values.exp().sum(-1).clamp(max=1 - 1e-6)).tolist()})
+    args = dict(rows=rows, references=["rice and stars", "moons"], stop_ids={tokenizer.eos_token_id},
+                max_new_tokens=8, speed_prompts=2)
+    source = evaluate_runtime(TorchRuntime(model), tokenizer, **args)
+    shipped = evaluate_runtime(runtime, tokenizer, **args)
+    assert source["metrics"]["top1_agreement"] == 1.0 and shipped["metrics"]["top1_agreement"] >= 0.9
+    assert shipped["metrics"]["teacher_kl"] < 0.01 and shipped["tokens_per_s"] > 0
+    assert shipped["metrics"]["perplexity"] == pytest.approx(source["metrics"]["perplexity"], rel=0.02)
+
+
 def test_gguf_refuses_a_tokenizer_llama_cpp_cannot_reproduce(tiny_model_dir, tmp_path):
     with pytest.raises(DistilError, match="tokenizer.*WordLevel"):
         export_model(tiny_model_dir, "gguf", tmp_path / "m.gguf")

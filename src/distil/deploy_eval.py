@@ -50,6 +50,8 @@ def evaluate_runtime(runtime, tokenizer, rows: list[dict], references: list[str 
                      max_new_tokens: int, speed_prompts: int, batch_size: int = 4, timed: bool = True) -> dict:
     """The student's metrics for one runtime, plus tokens/s (None when `timed` is False)."""
     pad_id = tokenizer.pad_token_id
+    batch_size = min(batch_size, runtime.max_rows or batch_size)
+    greedy_rows = runtime.max_rows or batch_size * 4
     values = summarize(score_rows(runtime, rows, pad_id=pad_id, batch_size=batch_size))
     ref_rows = reference_rows(rows, references, tokenizer)
     if ref_rows:
@@ -59,8 +61,8 @@ def evaluate_runtime(runtime, tokenizer, rows: list[dict], references: list[str 
     if with_ref:
         order = sorted(range(len(with_ref)), key=lambda i: len(with_ref[i][0]["prompt_ids"]))
         f1 = 0.0
-        for start in range(0, len(order), batch_size * 4):
-            idx = order[start:start + batch_size * 4]
+        for start in range(0, len(order), greedy_rows):
+            idx = order[start:start + greedy_rows]
             outs = greedy(runtime, [with_ref[i][0]["prompt_ids"] for i in idx], max_new_tokens=max_new_tokens,
                           stop_ids=stop_ids, pad_id=pad_id)
             for i, ids in zip(idx, outs):
@@ -90,21 +92,20 @@ def evaluate_artifacts(student_dir: Path, artifacts: list, tokenizer, rows: list
     for artifact in artifacts:
         runtime = open_runtime(artifact.path)
         # transformers runs a GGUF file dequantized to fp32: its metrics are the file's, its speed is not llama.cpp's.
-        timed = artifact.format != "gguf"
+        timed = not (artifact.format == "gguf" and isinstance(runtime, TorchRuntime))
         result = evaluate_runtime(runtime, tokenizer, rows, references, timed=timed, **kwargs)
-        del runtime
         row = {"label": artifact.label, "format": artifact.format, "quant": artifact.quant, "path": str(artifact.path),
-               "runtime": "transformers GGUF loader (dequantized)" if artifact.format == "gguf" else
-               ("onnxruntime" if artifact.format == "onnx" else "torch"),
+               "runtime": "onnxruntime" if artifact.format == "onnx" else runtime.name,
                "size_bytes": artifact.size_bytes, **result}
+        del runtime
         row["change"] = {m: row["metrics"][m] - reference["metrics"][m] for m in row["metrics"] if m in reference["metrics"]}
         if timed and reference["tokens_per_s"]:
             row["speedup_vs_student"] = row["tokens_per_s"] / reference["tokens_per_s"]
         out.append(row)
     note = (f"Measured in one process, one model at a time, on {torch.get_num_threads()} torch threads: metrics on "
             f"{len(rows)} held-out rows; tokens/s = batch-1 greedy, 32 new tokens, {speed_prompts} prompts. "
-            "GGUF files are scored through transformers' GGUF loader (dequantized); their speed needs llama.cpp "
-            "and is not measured here.")
+            "GGUF files run in llama.cpp where the `llama` extra is installed; otherwise they are scored "
+            "through transformers' GGUF loader (dequantized) and their speed is not measured.")
     return {"reference": reference, "rows": out, "note": note, "higher_is_better": HIGHER_IS_BETTER}
 
 

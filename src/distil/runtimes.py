@@ -5,8 +5,9 @@ A runtime has `forward(input_ids, attention_mask, position_ids, past) -> (logits
 `past` is None on the first call and whatever the previous call returned after that.
   - TorchRuntime: a transformers model (fp32 Hugging Face folder, int8 export, or a GGUF file
     dequantized by transformers' GGUF loader);
-  - OnnxRuntime: an onnxruntime session over an ONNX export with KV-cache inputs and outputs.
-`greedy` and `open_runtime` build on that.
+  - OnnxRuntime: an onnxruntime session over an ONNX export with KV-cache inputs and outputs;
+  - LlamaCppRuntime: llama.cpp over a GGUF file (the `llama` extra), one row at a time.
+`greedy` and `open_runtime` build on that. A runtime's `max_rows` (None: any) caps a batch.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from distil.errors import DistilError
 
 
 class TorchRuntime:
+    max_rows = None
+
     def __init__(self, model, name: str = "torch"):
         self.model, self.name = model.eval(), name
 
@@ -32,6 +35,8 @@ class TorchRuntime:
 
 
 class OnnxRuntime:
+    max_rows = None
+
     def __init__(self, folder: Path | str, threads: int | None = None):
         from distil.export import require
 
@@ -65,13 +70,52 @@ class OnnxRuntime:
         return torch.from_numpy(logits), present
 
 
+class LlamaCppRuntime:
+    """llama.cpp (llama-cpp-python) over a .gguf file: what a GGUF export scores and runs at as shipped.
+
+    llama.cpp's context holds one sequence here, so a batch is one row (`max_rows`); `past` is
+    the number of tokens already in the context.
+    """
+    max_rows = 1
+
+    def __init__(self, path: Path | str, threads: int | None = None, context: int = 2048):
+        from distil.export import require
+
+        require("llama_cpp", "llama")
+        import llama_cpp
+
+        self.path, self.context, self.name = Path(path), context, "llama.cpp"
+        self.llm = llama_cpp.Llama(str(path), n_ctx=context, logits_all=True, verbose=False,
+                                   n_threads=threads or torch.get_num_threads())
+
+    def forward(self, input_ids, attention_mask, position_ids, past=None):
+        if input_ids.shape[0] != 1:
+            raise DistilError(f"{self.path}: llama.cpp runs one row at a time, got {input_ids.shape[0]}")
+        tokens = input_ids[0][attention_mask[0, -input_ids.shape[1]:].bool()].tolist()
+        start = 0 if past is None else past
+        if start + len(tokens) > self.context:
+            raise DistilError(f"{self.path}: {start + len(tokens)} tokens exceed llama.cpp's context of {self.context}")
+        self.llm.n_tokens = start  # eval drops whatever the context held after `start`
+        self.llm.eval(tokens)
+        logits = torch.from_numpy(np.array(self.llm.scores[start:self.llm.n_tokens], dtype=np.float32))
+        return logits[None], self.llm.n_tokens
+
+
 def open_runtime(path: Path | str):
-    """The runtime for an artifact: a HF folder, an int8 or ONNX export folder, or a .gguf file."""
+    """The runtime for an artifact: a HF folder, an int8 or ONNX export folder, or a .gguf file.
+
+    A .gguf file runs in llama.cpp where the `llama` extra is installed, and otherwise through
+    transformers' GGUF loader (dequantized to fp32: the file's numbers, not llama.cpp's speed).
+    """
+    import importlib.util
+
     from distil.export import MARKER, load_gguf_as_transformers, load_int8
 
     path = Path(path)
     if path.suffix == ".gguf":
-        return TorchRuntime(load_gguf_as_transformers(path), "transformers (GGUF dequantized)")
+        if importlib.util.find_spec("llama_cpp") is not None:
+            return LlamaCppRuntime(path)
+        return TorchRuntime(load_gguf_as_transformers(path), "transformers GGUF loader (dequantized)")
     fmt = json.loads((path / MARKER).read_text())["format"] if (path / MARKER).exists() else "hf"
     if fmt == "onnx":
         return OnnxRuntime(path)
