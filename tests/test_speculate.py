@@ -127,3 +127,17 @@ def test_a_gguf_draft_in_llama_cpp_keeps_the_targets_greedy_output(bpe_model_dir
     assert counts["accepted"] >= 0.9 * counts["proposed"] > 0
     result = speculate(target, draft, prompts, max_new_tokens=8, draft_tokens=2, pad_id=tokenizer.pad_token_id)
     assert result["identical_greedy_output"] == 2
+
+
+def test_cli_speculate_runs_a_gguf_draft_in_llama_cpp(bpe_model_dir, prompts_files, distil_home, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from distil.export import export_model
+
+    gguf = export_model(bpe_model_dir, "gguf", tmp_path / "draft.gguf", "q8_0").path
+    _, eval_file = prompts_files
+    proc = run_cli("speculate", "--target", str(bpe_model_dir), "--draft", str(gguf), "--prompts", str(eval_file),
+                   "--n", "2", "--max-new-tokens", "6", env_extra={"DISTIL_HOME": str(distil_home)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert result["draft_runtime"] == "llama.cpp" and result["prepacked_linears"] is True
+    assert result["identical_greedy_output"] == 2 and result["draft_tokens_proposed"] > 0

@@ -204,8 +204,9 @@ def speculate(target: str = typer.Option(..., "--target", help="The large model 
                                                          help="Tokens the draft proposes per round."),
               engine: str = typer.Option("distil", "--engine", help="distil (our own loop) or transformers "
                                                                      "(assisted generation), for both runs."),
-              draft_runtime: str = typer.Option("torch", "--draft-runtime", help="torch, or llama.cpp for a .gguf draft "
-                                                                                  "(the `llama` extra)."),
+              draft_runtime: str = typer.Option("auto", "--draft-runtime", help="torch, llama.cpp (a .gguf draft; the "
+                                                                                 "`llama` extra), or auto: llama.cpp for "
+                                                                                 "a .gguf where installed."),
               prepack: bool = typer.Option(True, "--prepack/--no-prepack", help="On a CPU, run the torch models' Linear "
                                                                                 "layers through oneDNN with packed weights.")):
     """Speculative decoding: the student drafts, the teacher verifies. Reports acceptance rate, tokens/s with

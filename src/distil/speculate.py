@@ -278,13 +278,15 @@ def speculate(target, draft, prompts: list[list[int]], *, max_new_tokens: int = 
             "draft_tokens_proposed": counts["proposed"], "threads": torch.get_num_threads()}
 
 
-def speculate_paths(target: str, draft: str, prompts: list[str], *, prepack: bool = True, draft_runtime: str = "torch",
+def speculate_paths(target: str, draft: str, prompts: list[str], *, prepack: bool = True, draft_runtime: str = "auto",
                     **kwargs) -> dict:
     """`speculate` on model sources (HF folders, .gguf, pypi:...) and plain-text prompts (chat-formatted).
 
     prepack: on a CPU, run the torch models' Linear layers through `prepack_linears` (both runs alike).
-    draft_runtime: "torch", or "llama.cpp" for a .gguf draft (e.g. `distil export --format gguf`).
+    draft_runtime: "torch", "llama.cpp" for a .gguf draft (e.g. `distil export --format gguf`), or
+        "auto": llama.cpp for a .gguf file where the `llama` extra is installed, torch otherwise.
     """
+    import importlib.util
     from pathlib import Path
 
     from distil.data import format_prompt
@@ -295,6 +297,9 @@ def speculate_paths(target: str, draft: str, prompts: list[str], *, prepack: boo
     ids = [tokenizer(format_prompt(tokenizer, [{"role": "user", "content": p}]), add_special_tokens=False)["input_ids"]
            for p in prompts]
     target_model = load_causal_lm(target_dir, device="cpu")
+    if draft_runtime == "auto":
+        gguf = Path(draft).suffix == ".gguf" and importlib.util.find_spec("llama_cpp") is not None
+        draft_runtime = "llama.cpp" if gguf else "torch"
     if draft_runtime == "llama.cpp":
         if Path(draft).suffix != ".gguf" or not Path(draft).is_file():
             raise DistilError(f"{draft}: the llama.cpp draft runtime takes a .gguf file "
@@ -304,7 +309,7 @@ def speculate_paths(target: str, draft: str, prompts: list[str], *, prepack: boo
         draft_dir = resolve(draft).directory
         draft_model, draft_name = load_causal_lm(draft_dir, device="cpu"), str(draft_dir)
     else:
-        raise DistilError(f"unknown draft runtime {draft_runtime!r}: use 'torch' or 'llama.cpp'", field="draft_runtime")
+        raise DistilError(f"unknown draft runtime {draft_runtime!r}: use auto, torch or llama.cpp", field="draft_runtime")
     torch_models = [m for m in (target_model, draft_model) if isinstance(m, torch.nn.Module)]
     prepacked = prepack and all(can_prepack(m) for m in torch_models)
     if prepacked:
