@@ -25,6 +25,15 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
 
 # The words the test prompts are made of; the tokenizer also learns a few hundred filler words.
+# The student and data sections of a recipe, for tests of how recipes load (no model is read).
+RECIPE_BODY = """\
+student:
+  from_teacher:
+    layers: [0, 3]
+data:
+  train: data/train.jsonl
+  eval: data/eval.jsonl
+"""
 PROMPT_WORDS = (
     "what is the best way to learn a new language quickly how do you cook rice tell me about "
     "stars planets and moons why sky blue who wrote this book can robots feel happy sad where "

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import PROMPT_WORDS, build_tiny_llama, build_tokenizer, run_cli, tiny_recipe_dict, write_jsonl
+from conftest import PROMPT_WORDS, RECIPE_BODY, build_tiny_llama, build_tokenizer, run_cli, tiny_recipe_dict, write_jsonl
 from distil import pipeline
 from distil.cache import TeacherCache
 from distil.errors import DistilError
@@ -212,14 +212,7 @@ def test_ensemble_rows_average_both_teachers_on_the_first_ones_text(tmp_path, ti
 
 # --- the recipe --------------------------------------------------------------------------------
 
-BASE = """\
-student:
-  from_teacher:
-    layers: [0, 3]
-data:
-  train: data/train.jsonl
-  eval: data/eval.jsonl
-"""
+BASE = RECIPE_BODY  # student and data; the teachers come first
 TWO = """\
 teachers:
   - name: a

@@ -6,20 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import RECIPE_BODY, run_cli
 from distil.errors import DistilError
 from distil.recipe import Recipe, apply_override, load_recipe
 
-BASE = """\
-teacher:
-  model: some/teacher
-student:
-  from_teacher:
-    layers: [0, 3]
-data:
-  train: data/train.jsonl
-  eval: data/eval.jsonl
-"""
+BASE = "teacher:\n  model: some/teacher\n" + RECIPE_BODY
 # BASE has 8 lines: a section appended after it starts on line 9, its first key on line 10.
 
 

@@ -174,7 +174,7 @@ def evaluate_run(recipe, view, examples, rows: list[dict], teacher_rows: list[di
     out = recipe.out_dir
     teacher_rows = teacher_rows or rows
     cross = teacher_rows is not rows
-    tokenizer = getattr(view, "student_tokenizer", view.tokenizer)
+    tokenizer = view.student_tokenizer
     pad_id = tokenizer.pad_token_id
     names = ["student"] + (["baseline"] if recipe.eval.baseline and (out / "baseline").exists() else [])
     if not (out / "student").exists():

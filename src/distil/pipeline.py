@@ -169,14 +169,9 @@ def _teacher_stop_ids(view: TeacherPrompts) -> set[int]:
     return stop_token_ids(view.tokenizer, SimpleNamespace(config=config, generation_config=generation))
 
 
-def _student_tokenizer(view):
-    """The tokenizer the student reads: the teacher's, or its own with train.cross_tokenizer."""
-    return getattr(view, "student_tokenizer", view.tokenizer)
-
-
 def _cross(view) -> bool:
     """Whether the student reads another tokenizer than the view's teacher (train.cross_tokenizer)."""
-    return _student_tokenizer(view) is not view.tokenizer
+    return view.student_tokenizer is not view.tokenizer
 
 
 def teacher_view(recipe: Recipe):
@@ -366,7 +361,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
             adapters = lora.wrap_student(student, recipe.student, out / f"{name}-lora")
             student = lora.inner(adapters)
         with progress_bar() as bar:
-            summary = train_student(student, rows, cfg, pad_id=_student_tokenizer(view).pad_token_id, out_dir=out,
+            summary = train_student(student, rows, cfg, pad_id=view.student_tokenizer.pad_token_id, out_dir=out,
                                     run_name=name, alpha=alpha, resume=resume, fingerprint=fingerprint,
                                     progress=bar, teacher=teacher if online else None,
                                     stop_ids=stop_token_ids(view.tokenizer, teacher) if online else frozenset(),
@@ -379,7 +374,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         student.save_pretrained(tmp)
-        _student_tokenizer(view).save_pretrained(tmp)
+        view.student_tokenizer.save_pretrained(tmp)
         (tmp / "distil_train.json").write_text(json.dumps({"fingerprint": fingerprint, "alpha": alpha, "summary": summary}, indent=2))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
@@ -420,8 +415,8 @@ def export(recipe: Recipe) -> dict:
             name = f"student-{fmt}-{quant}.gguf" if quant else f"student-{fmt}"
             artifacts.append(export_model(student_dir, fmt, recipe.out_dir / "exports" / name, quant))
     model_config = json.loads((student_dir / "config.json").read_text())
-    stop_ids = {_student_tokenizer(view).eos_token_id} | set(_as_list(model_config.get("eos_token_id")))
-    exports = evaluate_artifacts(student_dir, artifacts, _student_tokenizer(view), rows, [ex.reference for ex in eval_ex],
+    stop_ids = {view.student_tokenizer.eos_token_id} | set(_as_list(model_config.get("eos_token_id")))
+    exports = evaluate_artifacts(student_dir, artifacts, view.student_tokenizer, rows, [ex.reference for ex in eval_ex],
                                  stop_ids={i for i in stop_ids if i is not None},
                                  max_new_tokens=recipe.eval.max_new_tokens or recipe.generate.max_new_tokens,
                                  speed_prompts=recipe.eval.speed_prompts)

@@ -63,7 +63,7 @@ def _where(ex: Example) -> dict:
 class Teachers:
     """The teachers of a `teachers:` recipe, with the methods of `pipeline.TeacherPrompts`.
 
-    `recipe`, `source`, `tokenizer` and `load_model` are the first teacher's: it builds the student
+    `recipe`, `source`, `tokenizer`, `student_tokenizer` and `load_model` are the first teacher's: it builds the student
     (student.from_teacher), teaches online (train.mode: on_policy, train.hidden) and stands for
     the teachers in the report's size and speed rows.
     """
@@ -85,6 +85,7 @@ class Teachers:
             self.members.append(single)
             self.views.append(view)
         self.recipe, self.tokenizer = self.members[0], self.views[0].tokenizer
+        self.student_tokenizer = self.tokenizer  # several teachers and train.cross_tokenizer are refused together
         # The report's "teacher" column: every teacher's rows, the first one's model for size and speed.
         names = ", ".join(m.name for m in recipe.teachers)
         self.source = dataclasses.replace(self.views[0].source,
