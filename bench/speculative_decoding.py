@@ -2,6 +2,7 @@
 identical greedy output. One target (the teacher, dequantized), several drafts and draft lengths.
 
     python bench/speculative_decoding.py TEACHER_DIR RUN_DIR [RUN_DIR ...] [--n 16] [--new 48] [--k 2,3,4,6]
+    python bench/speculative_decoding.py TEACHER_DIR --blocks   # cost of scoring 1-8 tokens, plain vs prepacked
 
 Each RUN_DIR is a finished `distil run` (student/, and exports/*-q8_0.gguf if written, which then
 also drafts from llama.cpp: the `llama` extra). Prompts: the first N of the shipped held-out set.
@@ -9,7 +10,10 @@ Every configuration times the teacher alone and with the draft prompt by prompt,
 a change of machine load hits both alike. Prints one JSON line per configuration.
 """
 import argparse
+import copy
 import json
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -20,19 +24,47 @@ from distil.paths import shipped
 from distil.speculate import LlamaCppDraft, TorchDraft, prepack_linears, speculate
 
 
+@torch.inference_mode()
+def block_ms(model, prompt: list[int], tokens: int, repeats: int = 9) -> float:
+    """Median ms of one forward over `tokens` new tokens after a cached prompt (a verification pass)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    model(torch.tensor([prompt]), cache=cache, use_cache=True)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(torch.tensor([prompt[:tokens]]), cache=cache, use_cache=True)
+        times.append(time.perf_counter() - t0)
+        cache.crop(-tokens)
+    return 1000 * statistics.median(times)
+
+
+def blocks(teacher: str, prompt: list[int]) -> None:
+    plain = load_causal_lm(teacher, device="cpu")
+    packed = prepack_linears(copy.deepcopy(plain))
+    for tokens in (1, 2, 4, 8, 16):
+        print(json.dumps({"tokens": tokens, "plain_ms": round(block_ms(plain, prompt, tokens), 1),
+                          "prepacked_ms": round(block_ms(packed, prompt, tokens), 1)}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("teacher")
-    parser.add_argument("runs", nargs="+")
+    parser.add_argument("runs", nargs="*")
+    parser.add_argument("--blocks", action="store_true")
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--new", type=int, default=48)
     parser.add_argument("--k", default="2,3,4,6")
     parser.add_argument("--runtimes", default="torch,llama.cpp")
+    parser.add_argument("--min-confidence", default="0", help="comma-separated values to try")
     args = parser.parse_args()
     torch.set_num_threads(2)
     tokenizer = load_tokenizer(args.teacher)
     prompts = [tokenizer(format_prompt(tokenizer, ex.messages), add_special_tokens=False)["input_ids"]
                for ex in load_examples(shipped("data/quickstart/eval.jsonl"))[:args.n]]
+    if args.blocks:
+        return blocks(args.teacher, prompts[0])
     target = prepack_linears(load_causal_lm(args.teacher, device="cpu"))
     for run in map(Path, args.runs):
         drafts = {}
@@ -42,10 +74,12 @@ def main() -> None:
         if "llama.cpp" in args.runtimes and ggufs:
             drafts["llama.cpp q8_0"] = LlamaCppDraft(ggufs[0], threads=2)
         for runtime, draft in drafts.items():
-            for k in map(int, args.k.split(",")):
-                result = speculate(target, draft, prompts, max_new_tokens=args.new, draft_tokens=k)
+            for k, confidence in [(k, c) for k in map(int, args.k.split(","))
+                                  for c in map(float, args.min_confidence.split(","))]:
+                result = speculate(target, draft, prompts, max_new_tokens=args.new, draft_tokens=k,
+                                   min_confidence=confidence)
                 print(json.dumps({"draft": str(run), "runtime": runtime, **{key: result[key] for key in (
-                    "draft_tokens", "prompts", "identical_greedy_output", "acceptance_rate", "accepted_per_round",
+                    "draft_tokens", "min_confidence", "prompts", "identical_greedy_output", "acceptance_rate", "accepted_per_round",
                     "target_tokens_per_s", "speculative_tokens_per_s", "speedup")}}), flush=True)
 
 

@@ -141,3 +141,17 @@ def test_cli_speculate_runs_a_gguf_draft_in_llama_cpp(bpe_model_dir, prompts_fil
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert result["draft_runtime"] == "llama.cpp" and result["prepacked_linears"] is True
     assert result["identical_greedy_output"] == 2 and result["draft_tokens_proposed"] > 0
+
+
+def test_a_confidence_floor_shortens_proposals_and_keeps_the_output(target_and_prompts):
+    target, prompts, pad = target_and_prompts
+    draft = TorchDraft(student_from_teacher(target, [0, 3]).eval())
+    seen = {}
+    for floor in (0.0, 0.5, 1.0):
+        counts = {"proposed": 0, "accepted": 0, "rounds": 0}
+        for ids in prompts:
+            assert decode(target, ids, max_new_tokens=14, stop_ids=stop_ids_of(target), draft=draft, draft_tokens=4,
+                          min_confidence=floor, counts=counts) == _generate(target, ids, 14, pad)
+        seen[floor] = counts["proposed"] / counts["rounds"]
+    # a floor of 1 stops after every first token; no floor proposes the full 4 whenever there is room
+    assert seen[1.0] == 1.0 < seen[0.0] and seen[0.0] >= seen[0.5] >= 1.0

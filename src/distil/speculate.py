@@ -62,8 +62,35 @@ def _keep(cache, length: int) -> None:
     cache.crop(length - cache.get_seq_length())  # transformers 5: a negative count of tokens to drop
 
 
-class TorchDraft:
-    """A transformers causal LM as the draft, with its own KV cache."""
+class Draft:
+    """A draft model with its own KV cache: `propose` greedy tokens after a sequence, `keep` a prefix."""
+
+    vocab_size: int
+
+    def cached(self) -> int:
+        """How many tokens of the current sequence the cache holds."""
+        raise NotImplementedError
+
+    def next_logits(self, tokens: list[int]) -> torch.Tensor:
+        """Feed `tokens` after the cache; the logits after the last one (1-D)."""
+        raise NotImplementedError
+
+    def propose(self, seq: list[int], n: int, min_confidence: float = 0.0) -> list[int]:
+        """Feed what the cache lacks of `seq`, then greedily propose up to `n` tokens after it,
+        stopping after a token the draft gives less than `min_confidence` probability."""
+        proposal, pending = [], seq[self.cached():]
+        for _ in range(n):
+            logits = self.next_logits(pending)
+            token = int(logits.argmax())
+            proposal.append(token)
+            if min_confidence and torch.softmax(logits.float(), -1)[token] < min_confidence:
+                break
+            pending = [token]
+        return proposal
+
+
+class TorchDraft(Draft):
+    """A transformers causal LM as the draft."""
 
     def __init__(self, model):
         self.model, self.vocab_size = model, model.config.vocab_size
@@ -75,20 +102,18 @@ class TorchDraft:
 
         self.cache = DynamicCache()
 
-    def propose(self, seq: list[int], n: int) -> list[int]:
-        """Feed what the cache lacks of `seq`, then greedily propose `n` tokens after it."""
-        proposal, pending = [], seq[self.cache.get_seq_length():]
-        for _ in range(n):
-            proposal.append(_next_tokens(self.model, self.cache, pending)[-1])
-            pending = proposal[-1:]
-        return proposal
+    def cached(self) -> int:
+        return self.cache.get_seq_length()
+
+    def next_logits(self, tokens: list[int]) -> torch.Tensor:
+        return self.model(torch.tensor([tokens], device=self.model.device), cache=self.cache, use_cache=True).logits[0, -1]
 
     def keep(self, length: int) -> None:
         """Forget everything after the first `length` tokens."""
         _keep(self.cache, min(length, self.cache.get_seq_length()))
 
 
-class LlamaCppDraft:
+class LlamaCppDraft(Draft):
     """A GGUF draft run by llama.cpp (the `llama` extra): the student as it ships, at llama.cpp's speed."""
 
     def __init__(self, path, threads: int | None = None, context: int = 4096):
@@ -104,28 +129,27 @@ class LlamaCppDraft:
     def reset(self) -> None:
         self.llm.n_tokens = 0
 
-    def propose(self, seq: list[int], n: int) -> list[int]:
+    def cached(self) -> int:
+        return self.llm.n_tokens
+
+    def next_logits(self, tokens: list[int]) -> torch.Tensor:
         import numpy as np
 
-        proposal, pending = [], seq[self.llm.n_tokens:]
-        for _ in range(n):
-            self.llm.eval(pending)  # drops any cached tokens past llm.n_tokens first
-            logits = self.llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-            proposal.append(int(np.ctypeslib.as_array(logits, shape=(self.vocab_size,)).argmax()))
-            pending = proposal[-1:]
-        return proposal
+        self.llm.eval(tokens)  # drops any cached tokens past llm.n_tokens first
+        logits = self.llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return torch.from_numpy(np.ctypeslib.as_array(logits, shape=(self.vocab_size,)).copy())
 
     def keep(self, length: int) -> None:
         self.llm.n_tokens = min(length, self.llm.n_tokens)
 
 
 @torch.inference_mode()
-def decode(target, prompt: list[int], *, max_new_tokens: int, stop_ids: set[int], draft=None, draft_tokens: int = 3,
-           counts: dict | None = None) -> list[int]:
+def decode(target, prompt: list[int], *, max_new_tokens: int, stop_ids: set[int], draft: Draft | None = None,
+           draft_tokens: int = 3, min_confidence: float = 0.0, counts: dict | None = None) -> list[int]:
     """Greedy-decode one prompt with the target; with a draft, speculatively (same output).
 
     Each round the draft (a TorchDraft or LlamaCppDraft, reset here) proposes up to
-    `draft_tokens` tokens; the target scores the last emitted token and the proposal in one
+    `draft_tokens` tokens (fewer once it is less sure than `min_confidence`); the target scores the last emitted token and the proposal in one
     pass; the proposal's prefix that matches the target's own choices is kept, followed by the
     target's choice after it. Both KV caches are cut back to the kept tokens. `counts`
     (proposed, accepted, rounds) is added to in place.
@@ -144,7 +168,7 @@ def decode(target, prompt: list[int], *, max_new_tokens: int, stop_ids: set[int]
         if next_token in stop_ids or len(out) >= max_new_tokens:
             return out
         room = min(draft_tokens, max_new_tokens - len(out) - 1)  # leave room for the target's own token
-        proposal = draft.propose(seq, room) if draft is not None and room > 0 else []
+        proposal = draft.propose(seq, room, min_confidence) if draft is not None and room > 0 else []
         choices = _next_tokens(target, cache, [next_token] + proposal)
         accepted = 0
         while accepted < len(proposal) and proposal[accepted] == choices[accepted]:
@@ -202,7 +226,7 @@ def stop_ids_of(model) -> set[int]:
 
 @torch.inference_mode()
 def speculate(target, draft, prompts: list[list[int]], *, max_new_tokens: int = 64, draft_tokens: int | None = 3,
-              pad_id: int | None = None, engine: str = "distil") -> dict:
+              min_confidence: float = 0.0, pad_id: int | None = None, engine: str = "distil") -> dict:
     """Greedy-decode each prompt (batch 1) with the target alone and with the draft; compare.
 
     Args:
@@ -210,8 +234,10 @@ def speculate(target, draft, prompts: list[list[int]], *, max_new_tokens: int = 
             the distil engine the draft may instead be a TorchDraft or LlamaCppDraft.
         prompts: token ids, one list per prompt.
         max_new_tokens: tokens generated per prompt (both runs stop at end of turn, identically).
-        draft_tokens: tokens the draft proposes per round. With engine "transformers", None
-            means its own schedule, adjusted as acceptance goes.
+        draft_tokens: tokens the draft proposes per round (at most). With engine "transformers",
+            None means its own schedule, adjusted as acceptance goes.
+        min_confidence: (distil engine) end a proposal after a token the draft gives less
+            probability than this; 0 proposes `draft_tokens` every round.
         engine: "distil" (`decode`, this module's loop) or "transformers" (`generate(...,
             assistant_model=draft)`); the target alone runs through the same engine.
 
@@ -236,7 +262,7 @@ def speculate(target, draft, prompts: list[list[int]], *, max_new_tokens: int = 
 
         def helped(ids):
             return decode(target, ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids, draft=draft,
-                          draft_tokens=draft_tokens, counts=counts)
+                          draft_tokens=draft_tokens, min_confidence=min_confidence, counts=counts)
         counting = contextlib.nullcontext(counts)
     elif engine == "transformers":
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
@@ -270,6 +296,7 @@ def speculate(target, draft, prompts: list[list[int]], *, max_new_tokens: int = 
             identical += plain == fast
     plain_tps, assisted_tps = plain_tokens / plain_s, assisted_tokens / assisted_s
     return {"engine": engine, "prompts": len(prompts), "max_new_tokens": max_new_tokens, "draft_tokens": draft_tokens,
+            "min_confidence": min_confidence,
             "identical_greedy_output": identical,
             "target_tokens_per_s": plain_tps, "speculative_tokens_per_s": assisted_tps,
             "speedup": assisted_tps / plain_tps,
