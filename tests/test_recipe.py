@@ -263,3 +263,15 @@ def test_cli_debug_shows_traceback(bad_key_recipe):
     assert "Traceback" in proc.stderr
     assert "train.stesp" in proc.stderr
 
+
+
+def test_every_shipped_recipe_loads():
+    from distil.paths import shipped
+
+    recipes = sorted(shipped("recipes").glob("*.yaml"))
+    assert len(recipes) >= 7
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert recipe.out_dir.name, path  # every recipe names where its run goes
+    draft = load_recipe(shipped("recipes/draft.yaml"))
+    assert draft.student.from_teacher.layers == [0, 10, 20, 29] and draft.train.loss == "tvd"
