@@ -91,7 +91,9 @@ class LlamaCppRuntime:
     def forward(self, input_ids, attention_mask, position_ids, past=None):
         if input_ids.shape[0] != 1:
             raise DistilError(f"{self.path}: llama.cpp runs one row at a time, got {input_ids.shape[0]}")
-        tokens = input_ids[0][attention_mask[0, -input_ids.shape[1]:].bool()].tolist()
+        if not attention_mask[0, -input_ids.shape[1]:].all():
+            raise DistilError(f"{self.path}: llama.cpp rows take no padding")
+        tokens = input_ids[0].tolist()
         start = 0 if past is None else past
         if start + len(tokens) > self.context:
             raise DistilError(f"{self.path}: {start + len(tokens)} tokens exceed llama.cpp's context of {self.context}")

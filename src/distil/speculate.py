@@ -7,9 +7,9 @@ same code, so both are timed alike); transformers' assisted generation is kept a
 engine to compare against.
 
 On a CPU, PyTorch's default float32 matrix multiply (MKL here) is slow for a handful of rows:
-scoring 4 tokens cost the 135M teacher 1.5x a single token, which eats the gain before any
+scoring 4 tokens cost the 135M teacher 1.5-1.8x a single token, which eats the gain before any
 draft is accepted. `prepack_linears` routes the Linear layers through oneDNN with weights
-packed once, where 4 tokens cost 1.1x one (docs/deploy.md has the measurements).
+packed once, where 4 tokens cost 1.1-1.2x one (docs/deploy.md has the measurements).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class PrepackedLinear(torch.nn.Module):
 
 
 def can_prepack(model) -> bool:
+    """Whether `prepack_linears` applies: a float32 model on a CPU, with oneDNN's packing ops."""
     param = next(model.parameters())
     return (param.device.type == "cpu" and param.dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
@@ -66,6 +67,14 @@ class Draft:
     """A draft model with its own KV cache: `propose` greedy tokens after a sequence, `keep` a prefix."""
 
     vocab_size: int
+
+    def reset(self) -> None:
+        """Forget everything: the next `propose` starts a new sequence."""
+        raise NotImplementedError
+
+    def keep(self, length: int) -> None:
+        """Forget everything after the first `length` tokens."""
+        raise NotImplementedError
 
     def cached(self) -> int:
         """How many tokens of the current sequence the cache holds."""
@@ -97,7 +106,6 @@ class TorchDraft(Draft):
         self.reset()
 
     def reset(self) -> None:
-        """Forget everything: the next `propose` starts a new sequence."""
         from transformers import DynamicCache
 
         self.cache = DynamicCache()
@@ -109,7 +117,6 @@ class TorchDraft(Draft):
         return self.model(torch.tensor([tokens], device=self.model.device), cache=self.cache, use_cache=True).logits[0, -1]
 
     def keep(self, length: int) -> None:
-        """Forget everything after the first `length` tokens."""
         _keep(self.cache, min(length, self.cache.get_seq_length()))
 
 
@@ -149,8 +156,8 @@ def decode(target, prompt: list[int], *, max_new_tokens: int, stop_ids: set[int]
     """Greedy-decode one prompt with the target; with a draft, speculatively (same output).
 
     Each round the draft (a TorchDraft or LlamaCppDraft, reset here) proposes up to
-    `draft_tokens` tokens (fewer once it is less sure than `min_confidence`); the target scores the last emitted token and the proposal in one
-    pass; the proposal's prefix that matches the target's own choices is kept, followed by the
+    `draft_tokens` tokens (fewer once it is less sure than `min_confidence`); the target scores
+    the last emitted token and the proposal in one pass; the proposal's prefix that matches the target's own choices is kept, followed by the
     target's choice after it. Both KV caches are cut back to the kept tokens. `counts`
     (proposed, accepted, rounds) is added to in place.
     """
