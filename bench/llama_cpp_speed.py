@@ -16,27 +16,23 @@ import time
 from pathlib import Path
 
 import torch
-from llama_cpp import Llama
 
 from distil import pipeline
 from distil.deploy_eval import tokens_per_s
 from distil.export import export_model
 from distil.recipe import load_recipe
 from distil.runtimes import open_runtime
+from distil.speculate import LlamaCppDraft
 
 NEW_TOKENS, THREADS = 32, 2
 
 
-def llama_tokens_per_s(llm: Llama, prompts: list[list[int]]) -> float:
+def llama_tokens_per_s(llm: LlamaCppDraft, prompts: list[list[int]]) -> float:
     """Greedy decoding, every prompt to NEW_TOKENS tokens (no early stop), after one warm-up, as
     distil.deploy_eval.tokens_per_s does for the torch runtimes."""
     def decode(ids: list[int]) -> None:
         llm.reset()
-        llm.eval(ids)
-        for i in range(NEW_TOKENS):
-            token = int(llm.scores[llm.n_tokens - 1].argmax())
-            if i < NEW_TOKENS - 1:
-                llm.eval([token])
+        llm.propose(ids, NEW_TOKENS)  # a draft's proposal is plain greedy decoding
 
     decode(prompts[0])
     start = time.perf_counter()
@@ -56,7 +52,7 @@ def main(run: Path) -> dict:
         path = run / "exports" / f"student-gguf-{quant}.gguf"
         if not path.exists():
             export_model(run / "student", "gguf", path, quant)
-        ggufs[f"student gguf {quant} (llama.cpp)"] = Llama(str(path), n_ctx=512, n_threads=THREADS, verbose=False)
+        ggufs[f"student gguf {quant} (llama.cpp)"] = LlamaCppDraft(path, threads=THREADS, context=512)
     torch_models = {"teacher fp32 (torch)": open_runtime(view.source.directory),
                     "student fp32 (torch)": open_runtime(run / "student")}
     results = {name: [] for name in [*torch_models, *ggufs]}
