@@ -157,9 +157,9 @@ def decode(target, prompt: list[int], *, max_new_tokens: int, stop_ids: set[int]
 
     Each round the draft (a TorchDraft or LlamaCppDraft, reset here) proposes up to
     `draft_tokens` tokens (fewer once it is less sure than `min_confidence`); the target scores
-    the last emitted token and the proposal in one pass; the proposal's prefix that matches the target's own choices is kept, followed by the
-    target's choice after it. Both KV caches are cut back to the kept tokens. `counts`
-    (proposed, accepted, rounds) is added to in place.
+    the last emitted token and the proposal in one pass; the proposal's prefix that matches the
+    target's own choices is kept, followed by the target's choice after it. Both KV caches are
+    cut back to the kept tokens. `counts` (proposed, accepted, rounds) is added to in place.
     """
     from transformers import DynamicCache
 
