@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from distil.teachers.local import encode_prompt
+
 ANSWER_LINE = re.compile(r"^\s*(?:final answer|answer)\s*[:\-]\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
 
 
@@ -33,12 +35,8 @@ def teacher_chat(messages: Sequence[dict], recipe) -> tuple[list[dict], str | No
 def with_prompts(rows: list[dict], prompts: list[str], tokenizer, max_prompt_tokens: int) -> list[dict]:
     """Copies of `rows` whose prompt (text and ids) is `prompts`, tokenized as the teacher tokenized its own
     (chat-templated prompts carry their special tokens; the last `max_prompt_tokens` kept)."""
-    add_special = not tokenizer.chat_template
-    out = []
-    for row, prompt in zip(rows, prompts):
-        ids = tokenizer(prompt, add_special_tokens=add_special)["input_ids"][-max_prompt_tokens:]
-        out.append({**row, "prompt": prompt, "prompt_ids": ids})
-    return out
+    return [{**row, "prompt": prompt, "prompt_ids": encode_prompt(tokenizer, prompt, max_prompt_tokens)}
+            for row, prompt in zip(rows, prompts)]
 
 
 def final_answer(text: str) -> str | None:

@@ -155,6 +155,13 @@ def generate_batch(model, prompt_ids: list[list[int]], *, pad_id: int, stop_ids:
     return results
 
 
+def encode_prompt(tokenizer, prompt_text: str, max_tokens: int | None = None) -> list[int]:
+    """Token ids of a formatted prompt as every teacher reads it, keeping its last `max_tokens` tokens."""
+    # Chat-templated prompts already carry their special tokens.
+    ids = tokenizer(prompt_text, add_special_tokens=not tokenizer.chat_template)["input_ids"]
+    return ids[-max_tokens:] if max_tokens else ids
+
+
 class LocalTeacher:
     """A local causal LM plus its tokenizer, answering prompt texts in batches.
 
@@ -170,10 +177,7 @@ class LocalTeacher:
         self.stop_ids = stop_token_ids(tokenizer, model)
 
     def encode(self, prompt_text: str, max_tokens: int | None = None) -> list[int]:
-        """Token ids of a formatted prompt, keeping its last `max_tokens` tokens."""
-        # Chat-templated prompts already carry their special tokens.
-        ids = self.tokenizer(prompt_text, add_special_tokens=not self.tokenizer.chat_template)["input_ids"]
-        return ids[-max_tokens:] if max_tokens else ids
+        return encode_prompt(self.tokenizer, prompt_text, max_tokens)
 
     def generate(self, prompt_texts: list[str], settings, *, max_prompt_tokens: int | None = None
                  ) -> Iterator[tuple[list[int], list[Generation]]]:

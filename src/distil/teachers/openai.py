@@ -35,6 +35,7 @@ from distil.cache import TeacherCache
 from distil.errors import DistilError
 from distil.explain import teacher_chat
 from distil.progress import progress_bar
+from distil.teachers.local import encode_prompt
 from distil.tokens import TokenMap
 
 RETRY_STATUS = {408, 409, 429}
@@ -406,10 +407,9 @@ def generate_remote(recipe, view, items: list[tuple[str, str, tuple]], cache: Te
     c = recipe.teacher
     max_prompt = recipe.data.max_prompt_tokens
     tok = view.tokenizer
-    add_special = not tok.chat_template  # chat-templated prompts carry their special tokens (as LocalTeacher)
     work = []
     for key, prompt, messages in items:
-        ids = tok(prompt, add_special_tokens=add_special)["input_ids"][-max_prompt:]
+        ids = encode_prompt(tok, prompt, max_prompt)
         work.append((key, prompt, chat_messages(*teacher_chat(messages, recipe)), ids))
     teacher = OpenAITeacher(c, recipe.generate, tok, view.source.name)
     t0 = time.time()
