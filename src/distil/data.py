@@ -47,6 +47,15 @@ class Example:
     source: str = ""
 
     @property
+    def location(self) -> dict:
+        """`source` as DistilError's keywords: {"file", "line"} or {"file", "row"}."""
+        if ": row " in self.source:
+            file, row = self.source.rsplit(": row ", 1)
+            return {"file": file, "row": int(row)}
+        file, _, line = self.source.rpartition(":")
+        return {"file": file, "line": int(line)} if line.isdigit() else {"file": self.source or None}
+
+    @property
     def prompt(self) -> str:
         """The content of the last user message (the question being asked)."""
         for message in reversed(self.messages):

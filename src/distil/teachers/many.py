@@ -51,15 +51,6 @@ def mix_log_probs(log_probs: list[torch.Tensor], weights: list[float]) -> torch.
     return torch.logsumexp(stacked + w.view(-1, *([1] * (stacked.dim() - 1))), dim=0)
 
 
-def _where(ex: Example) -> dict:
-    """An example's source ("file:line" or "file: row N") as DistilError's file/line/row."""
-    if ": row " in ex.source:
-        file, row = ex.source.rsplit(": row ", 1)
-        return {"file": file, "row": int(row)}
-    file, _, line = ex.source.rpartition(":")
-    return {"file": file, "line": int(line)} if line.isdigit() else {"file": ex.source or None}
-
-
 class Teachers:
     """The teachers of a `teachers:` recipe, with the methods of `pipeline.TeacherPrompts`.
 
@@ -124,7 +115,7 @@ class Teachers:
                 labels = ", ".join(f"{f}={getattr(ex, f)!r}" for f in sorted({f for m in self.full.teachers
                                                                               for f in (m.when or {})}))
                 raise DistilError(f"no teacher's `when` matches this row ({labels}); give the last teacher no `when` "
-                                  "to answer every row the others do not take", field="teachers", **_where(ex))
+                                  "to answer every row the others do not take", field="teachers", **ex.location)
         return out
 
     def _split(self, examples: list[Example], per_view) -> list:
