@@ -326,3 +326,10 @@ def test_shipped_quickstart_data_loads():
     prompts = [e.prompt.casefold() for e in train + evaluation]
     assert len(set(prompts)) == len(prompts)  # deduplicated, and no eval prompt in train
     assert all(e.language == "en" and e.category for e in train + evaluation)
+
+
+def test_example_location_reads_back_its_source():
+    chat = ({"role": "user", "content": "hi"},)
+    assert Example(chat, source="d/train.jsonl:12").location == {"file": "d/train.jsonl", "line": 12}
+    assert Example(chat, source="d/train.parquet: row 7").location == {"file": "d/train.parquet", "row": 7}
+    assert Example(chat).location == {"file": None}
