@@ -312,7 +312,7 @@ class Recipe(_Section):
 
 def _locate(error: DistilError, file: str, lines: dict, overridden: set) -> DistilError:
     """`error` (which names a recipe key) with the file and line of that key."""
-    path = tuple(int(p) if p.isdigit() else p for p in error.field.split("."))
+    path = _key_path(error.field)
     line = None
     if any(path[: len(o)] == o for o in overridden):
         file = "command line"

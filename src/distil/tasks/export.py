@@ -42,8 +42,9 @@ def model_kind(folder: Path | str) -> str | None:
     (sentence-transformers) for a task model folder; None for anything else (e.g. a causal LM)."""
     folder = Path(folder)
     marker = folder / MARKER
-    if marker.exists() and json.loads(marker.read_text()).get("kind"):
-        return json.loads(marker.read_text())["kind"]
+    kind = json.loads(marker.read_text()).get("kind") if marker.exists() else None
+    if kind:
+        return kind
     if (folder / "distil_model.json").exists():
         return "factory"
     if (folder / "modules.json").exists():
@@ -334,6 +335,8 @@ def compare_with_source(source: Path | str, artifact: Path | str) -> dict:
     a, b = ref.logits(x), out.logits(x)
     return {"kind": ref.kind, "max_abs_diff": (a - b).abs().max().item(),
             "top1_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item()}
+
+
 def export_all(student_dir: Path, formats: list[str], out_dir: Path) -> list[Exported]:
     """`export_task_model` for each format, into <out_dir>/student-<format>."""
     return [export_task_model(student_dir, fmt, out_dir / f"student-{fmt}") for fmt in formats]
