@@ -152,22 +152,20 @@ def export_cmd(model: str = typer.Option(..., "--model", help="A Hugging Face mo
         from distil.tasks.export import compare_with_source, export_task_model
 
         require_extra("embedding" if kind == "sentence" else "classification")
-
         if quant is not None:
             raise DistilError("--quant applies to GGUF (causal LMs) only", field="--quant")
         artifact = export_task_model(model, format, out)
-        summary = {"format": artifact.label, "path": str(artifact.path), "size_bytes": artifact.size_bytes}
-        if check:
-            summary["check"] = compare_with_source(model, artifact.path)
-        return _print(summary)
-    artifact = export_model(model, format, out, quant)
+    else:
+        artifact = export_model(model, format, out, quant)
     summary = {"format": artifact.label, "path": str(artifact.path), "size_bytes": artifact.size_bytes}
-    if check:
-        from distil.deploy_eval import compare_with_source
+    if check and kind is not None:
+        summary["check"] = compare_with_source(model, artifact.path)
+    elif check:
+        from distil.deploy_eval import compare_with_source as compare_lm
         from distil.export import load_source
 
         _, tokenizer = load_source(model)
-        summary["check"] = compare_with_source(Path(model), artifact.path, tokenizer)
+        summary["check"] = compare_lm(Path(model), artifact.path, tokenizer)
     _print(summary)
 
 
