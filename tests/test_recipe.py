@@ -274,4 +274,4 @@ def test_every_shipped_recipe_loads():
         recipe = load_recipe(path)
         assert recipe.out_dir.name, path  # every recipe names where its run goes
     draft = load_recipe(shipped("recipes/draft.yaml"))
-    assert draft.student.from_teacher.layers == [0, 10, 20, 29] and draft.train.loss == "tvd"
+    assert draft.student.from_teacher.layers == [0, 4, 8, 12, 16, 20, 24, 29] and draft.train.loss == "tvd"
