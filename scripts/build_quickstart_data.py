@@ -77,19 +77,27 @@ def download_corpus(into: Path) -> Path:
     return into / "unzipped" / "chatterbot_corpus" / "data" / "english"
 
 
-def read_rows(english: Path) -> list[dict]:
-    """One row per conversation, in file order (files sorted by name)."""
-    rows = []
+def read_conversations(english: Path) -> list[tuple[str, list[str | None]]]:
+    """(category, utterances) per conversation, in file order (files sorted by name).
+
+    YAML may read an utterance such as "yes" as a non-string: those are None, like empty ones.
+    """
+    conversations = []
     for yml in sorted(english.glob("*.yml")):
         data = yaml.safe_load(yml.read_text(encoding="utf-8")) or {}
         for conversation in data.get("conversations") or []:
-            # YAML may read an utterance such as "yes" as a non-string; keep only real text.
-            turns = [t.strip() if isinstance(t, str) else None for t in conversation]
-            if not turns or turns[0] is None:
-                continue
-            reference = turns[1] if len(turns) > 1 and turns[1] else None
-            rows.append({"prompt": turns[0], "reference": reference,
-                         "category": yml.stem, "language": "en"})
+            conversations.append((yml.stem, [t.strip() or None if isinstance(t, str) else None for t in conversation]))
+    return conversations
+
+
+def read_rows(english: Path) -> list[dict]:
+    """One row per conversation that opens with text, in file order."""
+    rows = []
+    for category, turns in read_conversations(english):
+        if not turns or turns[0] is None:
+            continue
+        reference = turns[1] if len(turns) > 1 else None
+        rows.append({"prompt": turns[0], "reference": reference, "category": category, "language": "en"})
     return rows
 
 
