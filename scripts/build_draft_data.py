@@ -56,29 +56,23 @@ def teacher_prompts(source: str, n: int, seed: int = 0, batch_size: int = 64, ma
     A message the teacher did not close within `max_tokens` comes back as "" (dropped later,
     like duplicates, by `clean`), so fewer than `n` distinct prompts survive.
     """
-    import torch
-
     from distil import models
     from distil.progress import progress_bar
-    from distil.teachers.local import generate_batch, stop_token_ids
+    from distil.recipe import GenerateConfig
+    from distil.teachers.local import LocalTeacher
 
     resolved = models.resolve(source, field="--teacher")
-    tokenizer = models.load_tokenizer(resolved.directory)
-    model = models.load_causal_lm(resolved.directory)
-    head = tokenizer(user_turn_head(tokenizer), add_special_tokens=False)["input_ids"]
-    generator = torch.Generator().manual_seed(seed)
-    stop = stop_token_ids(tokenizer, model)
-    texts: list[str] = []
+    teacher = LocalTeacher(models.load_causal_lm(resolved.directory), models.load_tokenizer(resolved.directory),
+                           resolved.identity, resolved.name)
+    settings = GenerateConfig(max_new_tokens=max_tokens, do_sample=True, temperature=1.0, top_p=0.95, top_k=1,
+                              batch_size=batch_size, seed=seed)
+    texts = [""] * n
     with progress_bar() as bar:
         task = bar.add_task("teacher prompts", total=n, status="")
-        while len(texts) < n:
-            rows = min(batch_size, n - len(texts))
-            for g in generate_batch(model, [head] * rows, pad_id=tokenizer.pad_token_id, stop_ids=stop,
-                                    max_new_tokens=max_tokens, top_k=1, do_sample=True, temperature=1.0,
-                                    top_p=0.95, generator=generator):
-                text = tokenizer.decode(g.token_ids, skip_special_tokens=True).strip()
-                texts.append(text if g.finish_reason == "stop" else "")
-            bar.update(task, advance=rows)
+        for idx, gens in teacher.generate([user_turn_head(teacher.tokenizer)] * n, settings):
+            for i, g in zip(idx, gens):
+                texts[i] = g.text if g.finish_reason == "stop" else ""
+            bar.update(task, advance=len(gens))
     return texts
 
 
