@@ -2,7 +2,8 @@
 identical greedy output. One target (the teacher, dequantized), several drafts and draft lengths.
 
     python bench/speculative_decoding.py TEACHER_DIR RUN_DIR [RUN_DIR ...] [--n 16] [--new 48] [--k 2,3,4,6]
-    python bench/speculative_decoding.py TEACHER_DIR --blocks   # cost of scoring 1-8 tokens, plain vs prepacked
+    python bench/speculative_decoding.py TEACHER_DIR --blocks   # cost of scoring 1-16 tokens, plain vs prepacked
+    python bench/speculative_decoding.py TEACHER_DIR RUN_DIR --blocks   # also one llama.cpp step of each draft
 
 Each RUN_DIR is a finished `distil run` (student/, and exports/*-q8_0.gguf if written, which then
 also drafts from llama.cpp: the `llama` extra). Prompts: the first N of the shipped held-out set.
@@ -40,12 +41,28 @@ def block_ms(model, prompt: list[int], tokens: int, repeats: int = 9) -> float:
     return 1000 * statistics.median(times)
 
 
-def blocks(teacher: str, prompt: list[int]) -> None:
+def draft_step_ms(draft: LlamaCppDraft, prompt: list[int], steps: int = 60) -> float:
+    """Median ms of one single-token draft step after `prompt` (what each proposed token costs)."""
+    draft.reset()
+    draft.next_logits(prompt)
+    times = []
+    for token in prompt[:1] * steps:
+        t0 = time.perf_counter()
+        draft.next_logits([token])
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def blocks(teacher: str, prompt: list[int], runs: list[Path]) -> None:
     plain = load_causal_lm(teacher, device="cpu")
     packed = prepack_linears(copy.deepcopy(plain))
     for tokens in (1, 2, 4, 8, 16):
         print(json.dumps({"tokens": tokens, "plain_ms": round(block_ms(plain, prompt, tokens), 1),
                           "prepacked_ms": round(block_ms(packed, prompt, tokens), 1)}), flush=True)
+    for run in runs:
+        for gguf in sorted((run / "exports").glob("*q8_0.gguf")):
+            print(json.dumps({"draft": str(gguf), "llama_cpp_step_ms": round(draft_step_ms(LlamaCppDraft(gguf, threads=2),
+                                                                                              prompt), 2)}), flush=True)
 
 
 def main() -> None:
@@ -64,7 +81,7 @@ def main() -> None:
     prompts = [tokenizer(format_prompt(tokenizer, ex.messages), add_special_tokens=False)["input_ids"]
                for ex in load_examples(shipped("data/quickstart/eval.jsonl"))[:args.n]]
     if args.blocks:
-        return blocks(args.teacher, prompts[0])
+        return blocks(args.teacher, prompts[0], [Path(r) for r in args.runs])
     target = prepack_linears(load_causal_lm(args.teacher, device="cpu"))
     for run in map(Path, args.runs):
         drafts = {}
