@@ -264,7 +264,6 @@ def test_cli_debug_shows_traceback(bad_key_recipe):
     assert "train.stesp" in proc.stderr
 
 
-
 def test_every_shipped_recipe_loads():
     from distil.paths import shipped
 
