@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from distil import pipeline
-from distil.models import load_causal_lm
-from distil.teachers.local import generate_batch
+from distil.models import load_causal_lm, load_tokenizer
+from distil.recipe import GenerateConfig
+from distil.teachers.local import LocalTeacher, generate_batch
 from distil.training import DistillationObjective, collate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -33,6 +34,19 @@ def test_generation_on_gpu_matches_cpu(tiny_model_dir):
     assert [x.token_ids for x in a] == [y.token_ids for y in b]
     for x, y in zip(a, b):
         assert torch.allclose(torch.tensor(x.topk_logprobs), torch.tensor(y.topk_logprobs), atol=1e-4)
+
+
+def test_sampled_generation_on_gpu(tiny_model_dir):
+    """Sampling draws from a generator on the model's device (a CPU one fails on CUDA), reproducibly."""
+    teacher = LocalTeacher(load_causal_lm(tiny_model_dir, device="cuda"), load_tokenizer(tiny_model_dir), "tiny", "tiny")
+    settings = GenerateConfig(max_new_tokens=8, do_sample=True, temperature=1.0, top_p=0.9, batch_size=2, seed=3)
+
+    def sampled_ids():
+        return [g.token_ids for _, gens in teacher.generate(["hello", "a b c", "x"], settings) for g in gens]
+
+    first = sampled_ids()
+    assert first == sampled_ids()
+    assert all(len(ids) > 0 for ids in first)
 
 
 def test_objective_on_gpu_matches_cpu(tiny_model_dir):

@@ -240,7 +240,9 @@ class Engine:
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(group))
         do_sample = first.temperature >= MIN_TEMPERATURE
-        generator = torch.Generator().manual_seed(first.seed % 2 ** 63) if first.seed is not None and do_sample else None
+        device = next(self.model.parameters()).device  # torch.multinomial needs a generator on its device
+        generator = (torch.Generator(device=device).manual_seed(first.seed % 2 ** 63)
+                     if first.seed is not None and do_sample else None)
 
         def on_step(results):
             stop_rows = []

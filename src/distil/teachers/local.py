@@ -192,7 +192,8 @@ class LocalTeacher:
         """
         encoded = [self.encode(t, max_prompt_tokens) for t in prompt_texts]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-        generator = torch.Generator().manual_seed(settings.seed) if settings.do_sample else None
+        device = next(self.model.parameters()).device  # torch.multinomial needs a generator on its device
+        generator = torch.Generator(device=device).manual_seed(settings.seed) if settings.do_sample else None
         for start in range(0, len(order), settings.batch_size):
             idx = order[start:start + settings.batch_size]
             gens = generate_batch(
