@@ -24,14 +24,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from distil.teachers.local import generate_batch, stop_token_ids
+from distil.teachers.local import generate_batch, seeded_generator, stop_token_ids
 from distil.tokens import token_bytes
 
 
@@ -240,9 +239,7 @@ class Engine:
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(group))
         do_sample = first.temperature >= MIN_TEMPERATURE
-        device = next(self.model.parameters()).device  # torch.multinomial needs a generator on its device
-        generator = (torch.Generator(device=device).manual_seed(first.seed % 2 ** 63)
-                     if first.seed is not None and do_sample else None)
+        generator = seeded_generator(self.model, first.seed % 2 ** 63) if first.seed is not None and do_sample else None
 
         def on_step(results):
             stop_rows = []

@@ -51,6 +51,11 @@ def topk_with_tail(logprobs: torch.Tensor, k: int):
     return top.indices, top.values, torch.logsumexp(rest, dim=-1)
 
 
+def seeded_generator(model, seed: int) -> torch.Generator:
+    """A random generator for sampling from `model`: on its device, where torch.multinomial needs it."""
+    return torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+
+
 def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
             generator: torch.Generator | None) -> torch.Tensor:
     if not do_sample:
@@ -192,8 +197,7 @@ class LocalTeacher:
         """
         encoded = [self.encode(t, max_prompt_tokens) for t in prompt_texts]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-        device = next(self.model.parameters()).device  # torch.multinomial needs a generator on its device
-        generator = torch.Generator(device=device).manual_seed(settings.seed) if settings.do_sample else None
+        generator = seeded_generator(self.model, settings.seed) if settings.do_sample else None
         for start in range(0, len(order), settings.batch_size):
             idx = order[start:start + settings.batch_size]
             gens = generate_batch(
