@@ -75,7 +75,6 @@ def main() -> None:
     parser.add_argument("--k", default="2,3,4,6")
     parser.add_argument("--runtimes", default="torch,llama.cpp")
     parser.add_argument("--min-confidence", default="0", help="comma-separated values to try")
-    parser.add_argument("--runners-up", default="0", help="comma-separated 0/1: also verify the draft's second choices")
     args = parser.parse_args()
     torch.set_num_threads(2)
     tokenizer = load_tokenizer(args.teacher)
@@ -92,15 +91,13 @@ def main() -> None:
         if "llama.cpp" in args.runtimes and ggufs:
             drafts["llama.cpp q8_0"] = LlamaCppDraft(ggufs[0], threads=2)
         for runtime, draft in drafts.items():
-            for k, confidence, runners_up in [(k, c, r) for k in map(int, args.k.split(","))
-                                              for c in map(float, args.min_confidence.split(","))
-                                              for r in map(int, args.runners_up.split(","))]:
+            for k, confidence in [(k, c) for k in map(int, args.k.split(","))
+                                  for c in map(float, args.min_confidence.split(","))]:
                 result = speculate(target, draft, prompts, max_new_tokens=args.new, draft_tokens=k,
-                                   min_confidence=confidence, runners_up=bool(runners_up))
+                                   min_confidence=confidence)
                 print(json.dumps({"draft": str(run), "runtime": runtime, **{key: result[key] for key in (
-                    "draft_tokens", "min_confidence", "runners_up", "prompts", "identical_greedy_output", "acceptance_rate",
-                    "accepted_per_round", "runners_up_accepted", "target_tokens_per_s", "speculative_tokens_per_s",
-                    "speedup")}}), flush=True)
+                    "draft_tokens", "min_confidence", "prompts", "identical_greedy_output", "acceptance_rate", "accepted_per_round",
+                    "target_tokens_per_s", "speculative_tokens_per_s", "speedup")}}), flush=True)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,8 @@ def _generate(target, ids, max_new_tokens, pad):
                            pad_token_id=pad)[0, len(ids):].tolist()
 
 
-@pytest.mark.parametrize("runners_up", [False, True])
 @pytest.mark.parametrize("draft_tokens", [1, 3, 5])
-def test_decode_with_a_student_draft_is_the_targets_greedy_output(target_and_prompts, draft_tokens, runners_up):
+def test_decode_with_a_student_draft_is_the_targets_greedy_output(target_and_prompts, draft_tokens):
     target, prompts, pad = target_and_prompts
     draft = TorchDraft(student_from_teacher(target, [0, 3]).eval())
     counts = {"proposed": 0, "accepted": 0, "rounds": 0}
@@ -39,76 +38,9 @@ def test_decode_with_a_student_draft_is_the_targets_greedy_output(target_and_pro
         expected = _generate(target, ids, 14, pad)
         assert decode(target, ids, max_new_tokens=14, stop_ids=stop_ids_of(target)) == expected
         assert decode(target, ids, max_new_tokens=14, stop_ids=stop_ids_of(target), draft=draft, draft_tokens=draft_tokens,
-                      runners_up=runners_up, counts=counts) == expected
+                      counts=counts) == expected
     assert counts["rounds"] > 0 and counts["proposed"] <= draft_tokens * counts["rounds"]
     assert 0 <= counts["accepted"] <= counts["proposed"]
-
-
-class SwappedDraft(TorchDraft):
-    """The target as its own draft, with its first and second choices swapped at every `every`-th
-    position: there the proposal is wrong and its runner-up is the target's choice."""
-
-    def __init__(self, model, every: int):
-        super().__init__(model)
-        self.every = every
-
-    def next_logits(self, tokens):
-        logits = super().next_logits(tokens).clone()
-        if self.cached() % self.every == 0:
-            first, second = logits.topk(2).indices.tolist()
-            logits[[first, second]] = logits[[second, first]]
-        return logits
-
-
-@pytest.mark.parametrize("every", [1, 3])
-def test_runners_up_keep_the_output(target_and_prompts, every):
-    """Where the proposal goes wrong and its runner-up is right, the runner-up is kept (after
-    accepted proposal tokens too, with every=3); the output stays the target's."""
-    target, prompts, pad = target_and_prompts
-    rounds = {}
-    for runners_up in (False, True):
-        counts = {"proposed": 0, "accepted": 0, "rounds": 0}
-        for ids in prompts:
-            assert decode(target, ids, max_new_tokens=16, stop_ids=stop_ids_of(target), draft=SwappedDraft(target, every),
-                          draft_tokens=4, runners_up=runners_up, counts=counts) == _generate(target, ids, 16, pad)
-        rounds[runners_up] = counts["rounds"]
-        if runners_up:
-            assert counts["accepted"] > counts["runners_up"] > 0 if every == 3 else counts["runners_up"] == counts["rounds"]
-        else:
-            assert "runners_up" not in counts
-    if every == 1:  # each round keeps the runner-up and the target's token after it, instead of one token
-        assert rounds[True] < rounds[False]
-
-
-def test_the_tree_pass_scores_each_row_as_its_own_sequence_and_the_kept_cache_is_exact(target_and_prompts):
-    from transformers import DynamicCache
-
-    from distil.speculate import _keep, _move_cached, _next_tokens, _next_tokens_tree
-
-    target, prompts, _ = target_and_prompts
-    prefix, last, proposal, runners_up = prompts[1][:-1], prompts[1][-1], [11, 12, 13], [21, 22, 23]
-
-    def plain(tokens):  # greedy choices after each of `tokens`, scored on their own after the prefix
-        cache = DynamicCache()
-        with torch.inference_mode():
-            _next_tokens(target, cache, prefix)
-            return _next_tokens(target, cache, tokens), cache
-
-    cache = DynamicCache()
-    with torch.inference_mode():
-        _next_tokens(target, cache, prefix)
-        choices = _next_tokens_tree(target, cache, last, proposal, runners_up)
-    assert choices[:4] == plain([last, *proposal])[0]
-    for i, runner_up in enumerate(runners_up):
-        assert choices[4 + i] == plain([last, *proposal[:i], runner_up])[0][-1]
-    # keep last, the first proposal token and the second one's runner-up: the cache is that sequence's
-    with torch.inference_mode():
-        _move_cached(cache, len(prefix) + 5, len(prefix) + 2)
-        _keep(cache, len(prefix) + 3)
-    _, want = plain([last, proposal[0], runners_up[1]])
-    for got_layer, want_layer in zip(cache.layers, want.layers):
-        torch.testing.assert_close(got_layer.keys, want_layer.keys, rtol=0, atol=1e-5)
-        torch.testing.assert_close(got_layer.values, want_layer.values, rtol=0, atol=1e-5)
 
 
 def test_decode_stops_at_a_stop_token_inside_an_accepted_proposal(target_and_prompts, monkeypatch):

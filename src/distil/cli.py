@@ -202,8 +202,6 @@ def speculate(target: str = typer.Option(..., "--target", help="The large model 
                                                          help="Tokens the draft proposes per round (at most)."),
               min_confidence: float = typer.Option(0.0, "--min-confidence", min=0.0, max=1.0,
                                                    help="End a proposal after a token the draft is less sure of."),
-              runners_up: bool = typer.Option(False, "--runners-up", help="Also verify the draft's second choice "
-                                                                           "beside each proposed token, in the same pass."),
               engine: str = typer.Option("distil", "--engine", help="distil (our own loop) or transformers "
                                                                      "(assisted generation), for both runs."),
               draft_runtime: str = typer.Option("auto", "--draft-runtime", help="torch, llama.cpp (a .gguf draft; the "
@@ -225,7 +223,7 @@ def speculate(target: str = typer.Option(..., "--target", help="The large model 
     examples = load_examples(Path(prompts) if prompts else shipped("data/quickstart/eval.jsonl"))[:n]
     _print(speculate_paths(target, draft, [ex.messages[-1]["content"] for ex in examples],
                            max_new_tokens=max_new_tokens, draft_tokens=draft_tokens, min_confidence=min_confidence,
-                           runners_up=runners_up, engine=engine, prepack=prepack, draft_runtime=draft_runtime))
+                           engine=engine, prepack=prepack, draft_runtime=draft_runtime))
 
 
 def main() -> None:

@@ -63,35 +63,6 @@ def _keep(cache, length: int) -> None:
     cache.crop(length - cache.get_seq_length())  # transformers 5: a negative count of tokens to drop
 
 
-def _next_tokens_tree(model, cache, last: int, proposal: list[int], runners_up: list[int]) -> list[int]:
-    """Score `last`, the proposal and each proposal token's runner-up in one pass; the target's
-    greedy choice after each of these rows.
-
-    The rows are [last, proposal..., runners_up...]. Runner-up i stands beside proposal token i:
-    the same position, seeing the cache, `last` and the proposal tokens before i, but not the
-    proposal token it would replace (a tree of one main branch and one-token side leaves).
-    """
-    past, k = cache.get_seq_length(), len(proposal)
-    depth = [0, *range(1, k + 1), *range(1, len(runners_up) + 1)]
-    visible = torch.zeros(len(depth), past + len(depth), dtype=torch.bool)
-    visible[:, :past + 1] = True  # the cache and `last`
-    for row, d in enumerate(depth):
-        visible[row, past + 1:past + d] = True  # the proposal tokens before this row's depth
-        visible[row, past + row] = True
-    mask = torch.zeros(visible.shape, dtype=model.dtype).masked_fill_(~visible, torch.finfo(model.dtype).min)
-    logits = model(torch.tensor([[last, *proposal, *runners_up]], device=model.device),
-                   attention_mask=mask[None, None].to(model.device), position_ids=torch.tensor([depth], device=model.device) + past,
-                   cache=cache, use_cache=True).logits
-    return logits[0].argmax(-1).tolist()
-
-
-def _move_cached(cache, source: int, dest: int) -> None:
-    """Copy the cached keys and values at position `source` to position `dest`, in every layer."""
-    for layer in cache.layers:
-        layer.keys[:, :, dest] = layer.keys[:, :, source]
-        layer.values[:, :, dest] = layer.values[:, :, source]
-
-
 class Draft:
     """A draft model with its own KV cache: `propose` greedy tokens after a sequence, `keep` a prefix."""
 
@@ -113,20 +84,18 @@ class Draft:
         """Feed `tokens` after the cache; the logits after the last one (1-D)."""
         raise NotImplementedError
 
-    def propose(self, seq: list[int], n: int, min_confidence: float = 0.0) -> tuple[list[int], list[int]]:
+    def propose(self, seq: list[int], n: int, min_confidence: float = 0.0) -> list[int]:
         """Feed what the cache lacks of `seq`, then greedily propose up to `n` tokens after it,
-        stopping after a token the draft gives less than `min_confidence` probability.
-        Returns the proposal and, for each of its tokens, the draft's second choice there."""
-        proposal, runners_up, pending = [], [], seq[self.cached():]
+        stopping after a token the draft gives less than `min_confidence` probability."""
+        proposal, pending = [], seq[self.cached():]
         for _ in range(n):
             logits = self.next_logits(pending)
-            token, runner_up = logits.topk(2).indices.tolist()
+            token = int(logits.argmax())
             proposal.append(token)
-            runners_up.append(runner_up)
             if min_confidence and torch.softmax(logits.float(), -1)[token] < min_confidence:
                 break
             pending = [token]
-        return proposal, runners_up
+        return proposal
 
 
 class TorchDraft(Draft):
@@ -183,18 +152,14 @@ class LlamaCppDraft(Draft):
 
 @torch.inference_mode()
 def decode(target, prompt: list[int], *, max_new_tokens: int, stop_ids: set[int], draft: Draft | None = None,
-           draft_tokens: int = 3, min_confidence: float = 0.0, runners_up: bool = False,
-           counts: dict | None = None) -> list[int]:
+           draft_tokens: int = 3, min_confidence: float = 0.0, counts: dict | None = None) -> list[int]:
     """Greedy-decode one prompt with the target; with a draft, speculatively (same output).
 
     Each round the draft (a TorchDraft or LlamaCppDraft, reset here) proposes up to
     `draft_tokens` tokens (fewer once it is less sure than `min_confidence`); the target scores
     the last emitted token and the proposal in one pass; the proposal's prefix that matches the
-    target's own choices is kept, followed by the target's choice after it. With `runners_up`,
-    the same pass also scores the draft's second choice beside each proposal token
-    (`_next_tokens_tree`): where the proposal goes wrong but its runner-up is the target's choice,
-    that token is kept too, and the target's choice after it. Both KV caches are cut back to the
-    kept tokens. `counts` (proposed, accepted, rounds; runners_up accepted) is added to in place.
+    target's own choices is kept, followed by the target's choice after it. Both KV caches are
+    cut back to the kept tokens. `counts` (proposed, accepted, rounds) is added to in place.
     """
     from transformers import DynamicCache
 
@@ -210,34 +175,24 @@ def decode(target, prompt: list[int], *, max_new_tokens: int, stop_ids: set[int]
         if next_token in stop_ids or len(out) >= max_new_tokens:
             return out
         room = min(draft_tokens, max_new_tokens - len(out) - 1)  # leave room for the target's own token
-        proposal, seconds = draft.propose(seq, room, min_confidence) if draft is not None and room > 0 else ([], [])
-        if runners_up and proposal:
-            choices = _next_tokens_tree(target, cache, next_token, proposal, seconds)
-        else:
-            choices = _next_tokens(target, cache, [next_token] + proposal)
+        proposal = draft.propose(seq, room, min_confidence) if draft is not None and room > 0 else []
+        choices = _next_tokens(target, cache, [next_token] + proposal)
         accepted = 0
         while accepted < len(proposal) and proposal[accepted] == choices[accepted]:
             accepted += 1
-        kept, next_token = proposal[:accepted], choices[accepted]
-        if runners_up and accepted < len(proposal) and seconds[accepted] == next_token:
-            row = 1 + len(proposal) + accepted  # the runner-up's row in the tree pass
-            _move_cached(cache, len(seq) - 1 + row, len(seq) + accepted)
-            kept.append(next_token)
-            next_token = choices[row]
-            if counts is not None:
-                counts["runners_up"] = counts.get("runners_up", 0) + 1
-        _keep(cache, len(seq) + len(kept))
+        _keep(cache, len(seq) + accepted)
         if proposal:
             draft.keep(len(seq) + accepted)
             if counts is not None:
                 counts["proposed"] += len(proposal)
-                counts["accepted"] += len(kept)
+                counts["accepted"] += accepted
                 counts["rounds"] += 1
-        for token in kept:
+        for token in proposal[:accepted]:
             out.append(token)
             seq.append(token)
             if token in stop_ids:
                 return out
+        next_token = choices[accepted]
 
 
 @contextlib.contextmanager
@@ -278,8 +233,7 @@ def stop_ids_of(model) -> set[int]:
 
 @torch.inference_mode()
 def speculate(target, draft, prompts: list[list[int]], *, max_new_tokens: int = 64, draft_tokens: int | None = 3,
-              min_confidence: float = 0.0, runners_up: bool = False, pad_id: int | None = None,
-              engine: str = "distil") -> dict:
+              min_confidence: float = 0.0, pad_id: int | None = None, engine: str = "distil") -> dict:
     """Greedy-decode each prompt (batch 1) with the target alone and with the draft; compare.
 
     Args:
@@ -291,15 +245,12 @@ def speculate(target, draft, prompts: list[list[int]], *, max_new_tokens: int = 
             None means its own schedule, adjusted as acceptance goes.
         min_confidence: (distil engine) end a proposal after a token the draft gives less
             probability than this; 0 proposes `draft_tokens` every round.
-        runners_up: (distil engine) also verify the draft's second choice beside each proposed
-            token, in the same pass (`decode`).
         engine: "distil" (`decode`, this module's loop) or "transformers" (`generate(...,
             assistant_model=draft)`); the target alone runs through the same engine.
 
     Returns:
         tokens/s alone and with the draft, speedup, acceptance rate (accepted / proposed draft
-        tokens, runners-up included), mean accepted tokens per round, how many of them were
-        runners-up, and how many prompts gave identical output.
+        tokens), mean accepted tokens per round, and how many prompts gave identical output.
     """
     if engine == "distil" and isinstance(draft, torch.nn.Module):
         draft = TorchDraft(draft)
@@ -311,19 +262,16 @@ def speculate(target, draft, prompts: list[list[int]], *, max_new_tokens: int = 
         if draft_tokens is None:
             raise DistilError("the distil engine needs a number of draft tokens", field="draft_tokens")
         stop_ids = stop_ids_of(target)
-        counts = {"proposed": 0, "accepted": 0, "rounds": 0, "runners_up": 0}
+        counts = {"proposed": 0, "accepted": 0, "rounds": 0}
 
         def alone(ids):
             return decode(target, ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
 
         def helped(ids):
             return decode(target, ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids, draft=draft,
-                          draft_tokens=draft_tokens, min_confidence=min_confidence, runners_up=runners_up,
-                          counts=counts)
+                          draft_tokens=draft_tokens, min_confidence=min_confidence, counts=counts)
         counting = contextlib.nullcontext(counts)
     elif engine == "transformers":
-        if runners_up:
-            raise DistilError("runners-up are verified by the distil engine only", field="runners_up")
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
         assisted = dict(kwargs, assistant_model=draft)
         if draft_tokens is not None:
@@ -340,7 +288,7 @@ def speculate(target, draft, prompts: list[list[int]], *, max_new_tokens: int = 
     with counting as counts:
         alone(prompts[0][:8])  # warm-up, not counted
         helped(prompts[0][:8])
-        counts.update(proposed=0, accepted=0, rounds=0, runners_up=0)
+        counts.update(proposed=0, accepted=0, rounds=0)
         plain_s = assisted_s = 0.0
         plain_tokens = assisted_tokens = identical = 0
         for ids in prompts:  # alternate prompt by prompt, so a change of machine load hits both alike
@@ -355,13 +303,12 @@ def speculate(target, draft, prompts: list[list[int]], *, max_new_tokens: int = 
             identical += plain == fast
     plain_tps, assisted_tps = plain_tokens / plain_s, assisted_tokens / assisted_s
     return {"engine": engine, "prompts": len(prompts), "max_new_tokens": max_new_tokens, "draft_tokens": draft_tokens,
-            "min_confidence": min_confidence, "runners_up": runners_up,
+            "min_confidence": min_confidence,
             "identical_greedy_output": identical,
             "target_tokens_per_s": plain_tps, "speculative_tokens_per_s": assisted_tps,
             "speedup": assisted_tps / plain_tps,
             "acceptance_rate": counts["accepted"] / counts["proposed"] if counts["proposed"] else None,
             "accepted_per_round": counts["accepted"] / counts["rounds"] if counts["rounds"] else None,
-            "runners_up_accepted": counts.get("runners_up", 0),
             "draft_tokens_proposed": counts["proposed"], "threads": torch.get_num_threads()}
 
 
