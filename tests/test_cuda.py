@@ -89,3 +89,17 @@ def test_on_policy_and_hidden_matching_on_gpu(load, tmp_path):
     summary = pipeline.train(recipe)["student"]
     assert summary["final"]["on_policy_share"] == 1 and summary["final"]["hidden"] > 0
     assert torch.isfinite(torch.tensor(summary["final"]["loss"]))
+
+
+def test_speculative_decoding_on_gpu_keeps_the_greedy_output(tiny_model_dir):
+    """`distil speculate --device cuda`: target and draft on the GPU, output identical to the target's alone."""
+    from distil.speculate import decode, speculate_paths, stop_ids_of
+
+    result = speculate_paths(str(tiny_model_dir), str(tiny_model_dir), ["hello there", "a b c d"], device="cuda",
+                             max_new_tokens=8, draft_tokens=3)
+    assert result["device"] == "cuda" and result["prepacked_linears"] is False
+    assert result["identical_greedy_output"] == 2 and result["acceptance_rate"] == 1.0
+    cpu, gpu = load_causal_lm(tiny_model_dir, device="cpu"), load_causal_lm(tiny_model_dir, device="cuda")
+    ids = _prompts(1)[0]
+    assert decode(gpu, ids, max_new_tokens=8, stop_ids=stop_ids_of(gpu)) == decode(cpu, ids, max_new_tokens=8,
+                                                                                   stop_ids=stop_ids_of(cpu))

@@ -87,6 +87,16 @@ def test_a_draft_identical_to_the_target_is_always_accepted(target_and_prompts):
         assert result["acceptance_rate"] == 1.0 and result["identical_greedy_output"] == len(prompts)
 
 
+def test_an_unknown_or_missing_device_is_refused(tiny_model_dir):
+    from distil.speculate import speculate_paths
+
+    with pytest.raises(DistilError, match='field "device".*unknown device'):
+        speculate_paths(str(tiny_model_dir), str(tiny_model_dir), ["hi"], device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DistilError, match='field "device".*no CUDA GPU'):
+            speculate_paths(str(tiny_model_dir), str(tiny_model_dir), ["hi"], device="cuda")
+
+
 def test_a_draft_with_another_vocabulary_is_refused(target_and_prompts):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -104,6 +114,7 @@ def test_cli_speculate(tiny_model_dir, prompts_files, distil_home):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert result["prompts"] == 2 and result["identical_greedy_output"] == 2 and result["acceptance_rate"] == 1.0
+    assert result["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_a_gguf_draft_in_llama_cpp_keeps_the_targets_greedy_output(bpe_model_dir, tmp_path):

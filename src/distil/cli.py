@@ -208,7 +208,9 @@ def speculate(target: str = typer.Option(..., "--target", help="The large model 
                                                                                  "`llama` extra), or auto: llama.cpp for "
                                                                                  "a .gguf where installed."),
               prepack: bool = typer.Option(True, "--prepack/--no-prepack", help="On a CPU, run the torch models' Linear "
-                                                                                "layers through oneDNN with packed weights.")):
+                                                                                "layers through oneDNN with packed weights."),
+              device: str = typer.Option("auto", "--device", help="Where the torch models run: cpu, cuda, or auto "
+                                                                  "(the GPU when there is one).")):
     """Speculative decoding: the student drafts, the teacher verifies. Reports acceptance rate, tokens/s with
     and without the draft, and whether greedy output is identical to the target's alone.
 
@@ -223,7 +225,7 @@ def speculate(target: str = typer.Option(..., "--target", help="The large model 
     examples = load_examples(Path(prompts) if prompts else shipped("data/quickstart/eval.jsonl"))[:n]
     _print(speculate_paths(target, draft, [ex.messages[-1]["content"] for ex in examples],
                            max_new_tokens=max_new_tokens, draft_tokens=draft_tokens, min_confidence=min_confidence,
-                           engine=engine, prepack=prepack, draft_runtime=draft_runtime))
+                           engine=engine, prepack=prepack, draft_runtime=draft_runtime, device=device))
 
 
 def main() -> None:

@@ -313,9 +313,10 @@ def speculate(target, draft, prompts: list[list[int]], *, max_new_tokens: int = 
 
 
 def speculate_paths(target: str, draft: str, prompts: list[str], *, prepack: bool = True, draft_runtime: str = "auto",
-                    **kwargs) -> dict:
+                    device: str = "auto", **kwargs) -> dict:
     """`speculate` on model sources (HF folders, .gguf, pypi:...) and plain-text prompts (chat-formatted).
 
+    device: where the torch models run: "cpu", "cuda", or "auto" (the GPU when there is one).
     prepack: on a CPU, run the torch models' Linear layers through `prepack_linears` (both runs alike).
     draft_runtime: "torch", "llama.cpp" for a .gguf draft (e.g. `distil export --format gguf`), or
         "auto": llama.cpp for a .gguf file where the `llama` extra is installed, torch otherwise.
@@ -324,13 +325,18 @@ def speculate_paths(target: str, draft: str, prompts: list[str], *, prepack: boo
     from pathlib import Path
 
     from distil.data import format_prompt
-    from distil.models import load_causal_lm, load_tokenizer, resolve
+    from distil.models import default_device, load_causal_lm, load_tokenizer, resolve
 
+    if device not in ("auto", "cpu", "cuda"):
+        raise DistilError(f"unknown device {device!r}: use auto, cpu or cuda", field="device")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DistilError("--device cuda, but torch sees no CUDA GPU here", field="device")
+    device = default_device() if device == "auto" else torch.device(device)
     target_dir = resolve(target).directory
     tokenizer = load_tokenizer(target_dir)
     ids = [tokenizer(format_prompt(tokenizer, [{"role": "user", "content": p}]), add_special_tokens=False)["input_ids"]
            for p in prompts]
-    target_model = load_causal_lm(target_dir, device="cpu")
+    target_model = load_causal_lm(target_dir, device=device)
     if draft_runtime == "auto":
         gguf = Path(draft).suffix == ".gguf" and importlib.util.find_spec("llama_cpp") is not None
         draft_runtime = "llama.cpp" if gguf else "torch"
@@ -341,7 +347,7 @@ def speculate_paths(target: str, draft: str, prompts: list[str], *, prepack: boo
         draft_model, draft_name = LlamaCppDraft(draft), draft
     elif draft_runtime == "torch":
         draft_dir = resolve(draft).directory
-        draft_model, draft_name = load_causal_lm(draft_dir, device="cpu"), str(draft_dir)
+        draft_model, draft_name = load_causal_lm(draft_dir, device=device), str(draft_dir)
     else:
         raise DistilError(f"unknown draft runtime {draft_runtime!r}: use auto, torch or llama.cpp", field="draft_runtime")
     torch_models = [m for m in (target_model, draft_model) if isinstance(m, torch.nn.Module)]
@@ -350,5 +356,5 @@ def speculate_paths(target: str, draft: str, prompts: list[str], *, prepack: boo
         for m in torch_models:
             prepack_linears(m)
     result = speculate(target_model, draft_model, ids, pad_id=tokenizer.pad_token_id, **kwargs)
-    return {"target": str(target_dir), "draft": draft_name, "draft_runtime": draft_runtime,
+    return {"target": str(target_dir), "draft": draft_name, "draft_runtime": draft_runtime, "device": str(device),
             "prepacked_linears": prepacked, **result}
