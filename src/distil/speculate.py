@@ -330,7 +330,7 @@ def speculate_paths(target: str, draft: str, prompts: list[str], *, prepack: boo
     if device not in ("auto", "cpu", "cuda"):
         raise DistilError(f"unknown device {device!r}: use auto, cpu or cuda", field="device")
     if device == "cuda" and not torch.cuda.is_available():
-        raise DistilError("--device cuda, but torch sees no CUDA GPU here", field="device")
+        raise DistilError("device cuda asked for, but torch sees no CUDA GPU here", field="device")
     device = default_device() if device == "auto" else torch.device(device)
     target_dir = resolve(target).directory
     tokenizer = load_tokenizer(target_dir)
