@@ -26,19 +26,25 @@ from distil.speculate import LlamaCppDraft, TorchDraft, prepack_linears, specula
 
 
 @torch.inference_mode()
-def block_ms(model, prompt: list[int], tokens: int, repeats: int = 9) -> float:
-    """Median ms of one forward over `tokens` new tokens after a cached prompt (a verification pass)."""
+def block_ms(models: dict, prompt: list[int], token_counts: tuple[int, ...], repeats: int = 15) -> dict:
+    """Median ms of one forward over N new tokens after a cached prompt (a verification pass), for
+    each model and N. Every repeat runs every (model, N) once, so a change of machine load
+    between them hits all alike, and the ratios between N hold even on a busy machine."""
     from transformers import DynamicCache
 
-    cache = DynamicCache()
-    model(torch.tensor([prompt]), cache=cache, use_cache=True)
-    times = []
+    caches = {}
+    for name, model in models.items():
+        caches[name] = DynamicCache()
+        model(torch.tensor([prompt]), cache=caches[name], use_cache=True)
+    times = {(name, n): [] for name in models for n in token_counts}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(torch.tensor([prompt[:tokens]]), cache=cache, use_cache=True)
-        times.append(time.perf_counter() - t0)
-        cache.crop(-tokens)
-    return 1000 * statistics.median(times)
+        for n in token_counts:
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                model(torch.tensor([prompt[:n]]), cache=caches[name], use_cache=True)
+                times[(name, n)].append(time.perf_counter() - t0)
+                caches[name].crop(-n)
+    return {key: 1000 * statistics.median(t) for key, t in times.items()}
 
 
 def draft_step_ms(draft: LlamaCppDraft, prompt: list[int], steps: int = 60) -> float:
@@ -55,10 +61,12 @@ def draft_step_ms(draft: LlamaCppDraft, prompt: list[int], steps: int = 60) -> f
 
 def blocks(teacher: str, prompt: list[int], runs: list[Path]) -> None:
     plain = load_causal_lm(teacher, device="cpu")
-    packed = prepack_linears(copy.deepcopy(plain))
-    for tokens in (1, 2, 4, 8, 16):
-        print(json.dumps({"tokens": tokens, "plain_ms": round(block_ms(plain, prompt, tokens), 1),
-                          "prepacked_ms": round(block_ms(packed, prompt, tokens), 1)}), flush=True)
+    models = {"plain": plain, "prepacked": prepack_linears(copy.deepcopy(plain))}
+    token_counts = (1, 2, 3, 4, 5, 8, 16)
+    ms = block_ms(models, prompt, token_counts)
+    for n in token_counts:
+        print(json.dumps({"tokens": n, **{f"{name}_ms": round(ms[(name, n)], 1) for name in models},
+                          "prepacked_vs_1_token": round(ms[("prepacked", n)] / ms[("prepacked", 1)], 2)}), flush=True)
     for run in runs:
         for gguf in sorted((run / "exports").glob("*q8_0.gguf")):
             print(json.dumps({"draft": str(gguf), "llama_cpp_step_ms": round(draft_step_ms(LlamaCppDraft(gguf, threads=2),
