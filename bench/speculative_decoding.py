@@ -105,7 +105,8 @@ def main() -> None:
                                    min_confidence=confidence)
                 print(json.dumps({"draft": str(run), "runtime": runtime, **{key: result[key] for key in (
                     "draft_tokens", "min_confidence", "prompts", "identical_greedy_output", "acceptance_rate", "accepted_per_round",
-                    "target_tokens_per_s", "speculative_tokens_per_s", "speedup")}}), flush=True)
+                    "target_tokens_per_s", "speculative_tokens_per_s", "speedup", "draft_ms_per_round",
+                    "verify_ms_per_round")}}), flush=True)
 
 
 if __name__ == "__main__":

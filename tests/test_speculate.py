@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from conftest import run_cli
 from distil.errors import DistilError
 from distil.models import student_from_teacher
-from distil.speculate import TorchDraft, can_prepack, decode, prepack_linears, speculate, stop_ids_of
+from distil.speculate import TorchDraft, can_prepack, decode, new_counts, prepack_linears, speculate, stop_ids_of
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def _generate(target, ids, max_new_tokens, pad):
 def test_decode_with_a_student_draft_is_the_targets_greedy_output(target_and_prompts, draft_tokens):
     target, prompts, pad = target_and_prompts
     draft = TorchDraft(student_from_teacher(target, [0, 3]).eval())
-    counts = {"proposed": 0, "accepted": 0, "rounds": 0}
+    counts = new_counts()
     for ids in prompts:
         expected = _generate(target, ids, 14, pad)
         assert decode(target, ids, max_new_tokens=14, stop_ids=stop_ids_of(target)) == expected
@@ -49,11 +50,30 @@ def test_decode_stops_at_a_stop_token_inside_an_accepted_proposal(target_and_pro
     full = _generate(target, prompts[0], 12, pad)
     stop = full[4]
     monkeypatch.setattr(target.generation_config, "eos_token_id", stop)
-    counts = {"proposed": 0, "accepted": 0, "rounds": 0}  # with itself as the draft, the stop arrives in a proposal
+    counts = new_counts()  # with itself as the draft, the stop arrives in a proposal
     out = decode(target, prompts[0], max_new_tokens=12, stop_ids={stop}, draft=TorchDraft(target), draft_tokens=4, counts=counts)
     assert out == full[:full.index(stop) + 1]
     assert counts["accepted"] == counts["proposed"] > 0
     assert _generate(target, prompts[0], 12, pad) == out
+
+
+def test_decode_times_the_drafts_proposals_and_the_targets_verification(target_and_prompts):
+    target, prompts, _ = target_and_prompts
+    pause = 0.01
+
+    class SlowDraft(TorchDraft):
+        def propose(self, *args, **kwargs):
+            time.sleep(pause)
+            return super().propose(*args, **kwargs)
+
+    counts = new_counts()
+    started = time.perf_counter()
+    decode(target, prompts[0], max_new_tokens=10, stop_ids=set(), draft=SlowDraft(student_from_teacher(target, [0]).eval()),
+           draft_tokens=2, counts=counts)
+    wall = time.perf_counter() - started
+    assert counts["rounds"] > 0 and counts["verify_s"] > 0
+    assert counts["draft_s"] >= pause * counts["rounds"]
+    assert counts["draft_s"] + counts["verify_s"] <= wall
 
 
 def test_student_draft_keeps_the_targets_greedy_output(target_and_prompts):
@@ -64,6 +84,8 @@ def test_student_draft_keeps_the_targets_greedy_output(target_and_prompts):
         assert result["identical_greedy_output"] == len(prompts) == result["prompts"]
         assert result["draft_tokens_proposed"] > 0 and 0.0 <= result["acceptance_rate"] <= 1.0
         assert result["target_tokens_per_s"] > 0 and result["speculative_tokens_per_s"] > 0
+        timed = result["draft_ms_per_round"], result["verify_ms_per_round"]
+        assert all(ms > 0 for ms in timed) if engine == "distil" else timed == (None, None)
 
 
 def test_prepacked_linears_give_the_same_logits_and_greedy_output(target_and_prompts):
@@ -129,7 +151,7 @@ def test_a_gguf_draft_in_llama_cpp_keeps_the_targets_greedy_output(bpe_model_dir
     tokenizer = AutoTokenizer.from_pretrained(bpe_model_dir)
     draft = LlamaCppDraft(export_model(bpe_model_dir, "gguf", tmp_path / "draft.gguf", "f16").path, threads=1)
     prompts = [tokenizer(p)["input_ids"] for p in ("how do you cook rice ?", "tell me about stars and planets and moons")]
-    counts = {"proposed": 0, "accepted": 0, "rounds": 0}
+    counts = new_counts()
     for ids in prompts:
         want = _generate(target, ids, 16, tokenizer.pad_token_id)
         assert decode(target, ids, max_new_tokens=16, stop_ids=stop_ids_of(target), draft=draft, draft_tokens=3,
@@ -159,7 +181,7 @@ def test_a_confidence_floor_shortens_proposals_and_keeps_the_output(target_and_p
     draft = TorchDraft(student_from_teacher(target, [0, 3]).eval())
     seen = {}
     for floor in (0.0, 0.5, 1.0):
-        counts = {"proposed": 0, "accepted": 0, "rounds": 0}
+        counts = new_counts()
         for ids in prompts:
             assert decode(target, ids, max_new_tokens=14, stop_ids=stop_ids_of(target), draft=draft, draft_tokens=4,
                           min_confidence=floor, counts=counts) == _generate(target, ids, 14, pad)

@@ -150,6 +150,12 @@ class LlamaCppDraft(Draft):
         self.llm.n_tokens = min(length, self.llm.n_tokens)
 
 
+def new_counts() -> dict:
+    """What `decode` adds up across prompts: draft tokens proposed and accepted, rounds, and the
+    seconds spent in the draft's proposals and in the target's verification passes."""
+    return {"proposed": 0, "accepted": 0, "rounds": 0, "draft_s": 0.0, "verify_s": 0.0}
+
+
 @torch.inference_mode()
 def decode(target, prompt: list[int], *, max_new_tokens: int, stop_ids: set[int], draft: Draft | None = None,
            draft_tokens: int = 3, min_confidence: float = 0.0, counts: dict | None = None) -> list[int]:
@@ -159,7 +165,7 @@ def decode(target, prompt: list[int], *, max_new_tokens: int, stop_ids: set[int]
     `draft_tokens` tokens (fewer once it is less sure than `min_confidence`); the target scores
     the last emitted token and the proposal in one pass; the proposal's prefix that matches the
     target's own choices is kept, followed by the target's choice after it. Both KV caches are
-    cut back to the kept tokens. `counts` (proposed, accepted, rounds) is added to in place.
+    cut back to the kept tokens. `counts` (a `new_counts()` dict) is added to in place.
     """
     from transformers import DynamicCache
 
@@ -175,8 +181,11 @@ def decode(target, prompt: list[int], *, max_new_tokens: int, stop_ids: set[int]
         if next_token in stop_ids or len(out) >= max_new_tokens:
             return out
         room = min(draft_tokens, max_new_tokens - len(out) - 1)  # leave room for the target's own token
+        started = time.perf_counter()
         proposal = draft.propose(seq, room, min_confidence) if draft is not None and room > 0 else []
+        proposed = time.perf_counter()
         choices = _next_tokens(target, cache, [next_token] + proposal)
+        verified = time.perf_counter()
         accepted = 0
         while accepted < len(proposal) and proposal[accepted] == choices[accepted]:
             accepted += 1
@@ -187,6 +196,8 @@ def decode(target, prompt: list[int], *, max_new_tokens: int, stop_ids: set[int]
                 counts["proposed"] += len(proposal)
                 counts["accepted"] += accepted
                 counts["rounds"] += 1
+                counts["draft_s"] += proposed - started
+                counts["verify_s"] += verified - proposed
         for token in proposal[:accepted]:
             out.append(token)
             seq.append(token)
@@ -204,7 +215,7 @@ def _count_transformers_acceptance():
     """
     from transformers.generation.candidate_generator import AssistedCandidateGenerator
 
-    counts = {"proposed": 0, "accepted": 0, "rounds": 0}
+    counts = new_counts()
     get_candidates, update = AssistedCandidateGenerator.get_candidates, AssistedCandidateGenerator.update_candidate_strategy
 
     def counted_get_candidates(self, input_ids, **kwargs):
@@ -262,7 +273,7 @@ def speculate(target, draft, prompts: list[list[int]], *, max_new_tokens: int = 
         if draft_tokens is None:
             raise DistilError("the distil engine needs a number of draft tokens", field="draft_tokens")
         stop_ids = stop_ids_of(target)
-        counts = {"proposed": 0, "accepted": 0, "rounds": 0}
+        counts = new_counts()
 
         def alone(ids):
             return decode(target, ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
@@ -288,7 +299,7 @@ def speculate(target, draft, prompts: list[list[int]], *, max_new_tokens: int = 
     with counting as counts:
         alone(prompts[0][:8])  # warm-up, not counted
         helped(prompts[0][:8])
-        counts.update(proposed=0, accepted=0, rounds=0)
+        counts.update(new_counts())
         plain_s = assisted_s = 0.0
         plain_tokens = assisted_tokens = identical = 0
         for ids in prompts:  # alternate prompt by prompt, so a change of machine load hits both alike
@@ -309,6 +320,9 @@ def speculate(target, draft, prompts: list[list[int]], *, max_new_tokens: int = 
             "speedup": assisted_tps / plain_tps,
             "acceptance_rate": counts["accepted"] / counts["proposed"] if counts["proposed"] else None,
             "accepted_per_round": counts["accepted"] / counts["rounds"] if counts["rounds"] else None,
+            # where a round's time goes (distil engine): the draft's proposal, the target's verification
+            "draft_ms_per_round": 1000 * counts["draft_s"] / counts["rounds"] if counts["draft_s"] else None,
+            "verify_ms_per_round": 1000 * counts["verify_s"] / counts["rounds"] if counts["verify_s"] else None,
             "draft_tokens_proposed": counts["proposed"], "threads": torch.get_num_threads()}
 
 
