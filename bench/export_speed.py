@@ -4,18 +4,25 @@ Usage: python bench/export_speed.py RUN_DIR   (RUN_DIR holds student/ and export
 written by `distil run export.formats=[onnx,int8]` on recipes/quickstart.yaml; $DISTIL_HOME as for that run)
 Round-robin, so a change in machine load hits every model alike.
 """
-import json, statistics, sys, os
-import torch
-from distil.runtimes import open_runtime
-from distil.deploy_eval import tokens_per_s
-from distil.recipe import load_recipe
-from distil import pipeline
+import json
+import os
+import statistics
+import sys
 from pathlib import Path
+
+import torch
+
+from distil.config.loading import load_recipe
+from distil.data.splits import load_data
+from distil.deploy.runtimes import open_runtime
+from distil.deploy.scoring import tokens_per_s
+from distil.generation.view import TeacherPrompts, cached_rows
+
 run = Path(sys.argv[1]).resolve()
 r = load_recipe(str(Path(__file__).resolve().parent.parent / 'recipes/quickstart.yaml'), [f'out={run}'])
-_, ev = pipeline.load_data(r)
-view = pipeline.TeacherPrompts(r)
-rows = pipeline._cached_rows(r, view.keys(ev), "held-out")
+_, ev = load_data(r)
+view = TeacherPrompts(r)
+rows = cached_rows(r, view.keys(ev), "held-out")
 prompts = [x["prompt_ids"] for x in rows[:4]]
 ex = f"{run}/exports"
 models = {"teacher (fp32)": str(view.source.directory), "student (fp32)": f"{run}/student",

@@ -15,9 +15,9 @@ import json
 import statistics
 from pathlib import Path
 
+from distil.config.loading import load_recipe
 from distil.paths import shipped
 from distil.pipeline import run
-from distil.recipe import load_recipe
 
 
 def main() -> None:

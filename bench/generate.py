@@ -17,11 +17,11 @@ import time
 
 import torch
 
-from distil import models
-from distil.data import format_prompt, load_examples
+from distil.config.recipe import GenerateConfig
+from distil.data.examples import format_prompt, load_examples
+from distil.generation.teachers.local import LocalTeacher
+from distil.models import sources
 from distil.paths import shipped
-from distil.recipe import GenerateConfig
-from distil.teachers.local import LocalTeacher
 
 
 def useful_tokens(ids: list[int], stop_ids: set[int]) -> int:
@@ -61,9 +61,9 @@ def main():
     parser.add_argument("--batch-sizes", default="64,128", help="distil batch sizes to try")
     args = parser.parse_args()
 
-    source = models.resolve(args.model)
-    tokenizer = models.load_tokenizer(source.directory)
-    model = models.load_causal_lm(source.directory)
+    source = sources.resolve(args.model)
+    tokenizer = sources.load_tokenizer(source.directory)
+    model = sources.load_causal_lm(source.directory)
     teacher = LocalTeacher(model, tokenizer, source.identity, source.name)
     examples = load_examples(shipped("data/quickstart/train.jsonl"))[: args.prompts]
     prompts = [format_prompt(tokenizer, ex.messages) for ex in examples]

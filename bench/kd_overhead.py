@@ -30,7 +30,8 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from distil.training import DistillationObjective, collate
+from distil.data.batches import collate
+from distil.training.objective import DistillationObjective
 
 VARIANTS = ("hf_ce", "ce", "kd", "kd_t2")
 

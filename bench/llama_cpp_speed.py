@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from distil import pipeline
-from distil.deploy_eval import tokens_per_s
-from distil.export import export_model
-from distil.recipe import load_recipe
-from distil.runtimes import open_runtime
-from distil.speculate import LlamaCppDraft
+from distil.config.loading import load_recipe
+from distil.data.splits import load_data
+from distil.deploy.export import export_model
+from distil.deploy.runtimes import open_runtime
+from distil.deploy.scoring import tokens_per_s
+from distil.deploy.speculate import LlamaCppDraft
+from distil.generation.view import TeacherPrompts, cached_rows
 
 NEW_TOKENS, THREADS = 32, 2
 
@@ -43,9 +44,9 @@ def llama_tokens_per_s(llm: LlamaCppDraft, prompts: list[list[int]]) -> float:
 
 def main(run: Path) -> dict:
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml", [f"out={run}"])
-    _, held_out = pipeline.load_data(recipe)
-    view = pipeline.TeacherPrompts(recipe)
-    prompts = [r["prompt_ids"] for r in pipeline._cached_rows(recipe, view.keys(held_out), "held-out")[:4]]
+    _, held_out = load_data(recipe)
+    view = TeacherPrompts(recipe)
+    prompts = [r["prompt_ids"] for r in cached_rows(recipe, view.keys(held_out), "held-out")[:4]]
     torch.set_num_threads(THREADS)
     ggufs = {}
     for quant in ("f16", "q8_0"):

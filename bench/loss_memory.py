@@ -51,7 +51,7 @@ def child(args) -> dict:
     """One variant, in this (fresh) process."""
     import torch
 
-    from distil.losses import chunked_divergence, forward_kl
+    from distil.training.losses import chunked_divergence, forward_kl
 
     torch.manual_seed(0)
     n, v, h = args.tokens, args.vocab, args.hidden

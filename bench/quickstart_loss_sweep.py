@@ -15,9 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-from distil import models, pipeline
-from distil.evaluation import score_on_teacher_text, summarize
-from distil.recipe import load_recipe
+from distil import pipeline
+from distil.config.loading import load_recipe
+from distil.data.splits import load_data
+from distil.evaluation.metrics import score_on_teacher_text, summarize
+from distil.generation.view import TeacherPrompts, cached_rows
+from distil.models import sources
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 
@@ -27,10 +30,10 @@ def main(name: str, overrides: list[str]) -> dict:
     start = time.time()
     pipeline.train(recipe, resume=True)
     train_s = time.time() - start
-    _, held_out = pipeline.load_data(recipe)
-    view = pipeline.TeacherPrompts(recipe)
-    rows = pipeline._cached_rows(recipe, view.keys(held_out), "held-out")
-    student = models.load_causal_lm(recipe.out_dir / "student", device="cpu")
+    _, held_out = load_data(recipe)
+    view = TeacherPrompts(recipe)
+    rows = cached_rows(recipe, view.keys(held_out), "held-out")
+    student = sources.load_causal_lm(recipe.out_dir / "student", device="cpu")
     scores = summarize(score_on_teacher_text(student, rows, pad_id=view.tokenizer.pad_token_id))
     return {"name": name, "overrides": overrides, "train_s": round(train_s), **scores}
 

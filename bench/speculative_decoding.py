@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from distil.data import format_prompt, load_examples
-from distil.models import load_causal_lm, load_tokenizer
+from distil.data.examples import format_prompt, load_examples
+from distil.deploy.speculate import LlamaCppDraft, TorchDraft, prepack_linears, speculate
+from distil.models.sources import load_causal_lm, load_tokenizer
 from distil.paths import shipped
-from distil.speculate import LlamaCppDraft, TorchDraft, prepack_linears, speculate
 
 
 @torch.inference_mode()

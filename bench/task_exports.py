@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from distil import pipeline
-from distil.recipe import load_recipe
+from distil.config.loading import load_recipe
 
 
 def main() -> None:

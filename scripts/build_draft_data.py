@@ -28,8 +28,16 @@ import tempfile
 from pathlib import Path
 
 import torch
-from build_quickstart_data import (CORPUS, LICENSE, MAX_PROMPT_CHARS, REPO_ROOT, clean, download_corpus,
-                                   read_conversations, write_jsonl)
+from build_quickstart_data import (
+    CORPUS,
+    LICENSE,
+    MAX_PROMPT_CHARS,
+    REPO_ROOT,
+    clean,
+    download_corpus,
+    read_conversations,
+    write_jsonl,
+)
 
 COMMAND = "python scripts/build_draft_data.py"
 BATCH_SIZE = 64  # teacher prompts written per batch, unless --batch-size says otherwise
@@ -60,13 +68,13 @@ def teacher_prompts(source: str, n: int, seed: int = 0, batch_size: int = BATCH_
     A message the teacher did not close within `max_tokens` comes back as "" (dropped later,
     like duplicates, by `clean`), so fewer than `n` distinct prompts survive.
     """
-    from distil import models
+    from distil.config.recipe import GenerateConfig
+    from distil.generation.teachers.local import LocalTeacher
+    from distil.models import sources
     from distil.progress import progress_bar
-    from distil.recipe import GenerateConfig
-    from distil.teachers.local import LocalTeacher
 
-    resolved = models.resolve(source, field="--teacher")
-    teacher = LocalTeacher(models.load_causal_lm(resolved.directory), models.load_tokenizer(resolved.directory),
+    resolved = sources.resolve(source, field="--teacher")
+    teacher = LocalTeacher(sources.load_causal_lm(resolved.directory), sources.load_tokenizer(resolved.directory),
                            resolved.identity, resolved.name)
     settings = GenerateConfig(max_new_tokens=max_tokens, do_sample=True, temperature=1.0, top_p=0.95, top_k=1,
                               batch_size=batch_size, seed=seed)

@@ -183,7 +183,7 @@ def recipe_path(tmp_path, tiny_model_dir, prompts_files, distil_home) -> Path:
 @pytest.fixture
 def load(recipe_path):
     """load(*overrides) -> the tiny recipe, validated, with `key.sub=value` overrides applied."""
-    from distil.recipe import load_recipe
+    from distil.config.loading import load_recipe
 
     def _load(*overrides: str):
         return load_recipe(recipe_path, list(overrides))

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from distil import pipeline
-from distil.cache import SCHEMA, TeacherCache, row_key
+from distil.generation.cache import SCHEMA, TeacherCache, row_key
+from distil.generation.view import generation_settings
 
 SETTINGS = {"max_new_tokens": 6, "do_sample": False, "top_k": 8, "max_prompt_tokens": 256}
 
@@ -47,13 +48,13 @@ def test_row_key_depends_on_teacher_prompt_and_settings():
 
 
 def test_generation_settings_key_only_what_changes_the_output(load):
-    greedy = pipeline.generation_settings(load())
+    greedy = generation_settings(load())
     assert "batch_size" not in greedy  # batching does not change what the teacher writes
-    assert pipeline.generation_settings(load("generate.batch_size=1")) == greedy
-    assert pipeline.generation_settings(load("generate.top_k=4")) != greedy
-    assert pipeline.generation_settings(load("generate.do_sample=true")) != greedy
-    sampled = pipeline.generation_settings(load("generate.do_sample=true", "generate.seed=1"))
-    assert sampled != pipeline.generation_settings(load("generate.do_sample=true", "generate.seed=2"))
+    assert generation_settings(load("generate.batch_size=1")) == greedy
+    assert generation_settings(load("generate.top_k=4")) != greedy
+    assert generation_settings(load("generate.do_sample=true")) != greedy
+    sampled = generation_settings(load("generate.do_sample=true", "generate.seed=1"))
+    assert sampled != generation_settings(load("generate.do_sample=true", "generate.seed=2"))
 
 
 # --- shards -----------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ def test_generate_matches_full_forward(load, tiny_model_dir, system):
     """The KV-cached loop's log-probs equal a plain full-sequence forward over prompt + answer."""
     import torch
 
-    from distil.models import load_causal_lm
+    from distil.models.sources import load_causal_lm
 
     recipe = load(*([system] if system else []))
     pipeline.generate(recipe)

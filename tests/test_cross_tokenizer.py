@@ -15,14 +15,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import build_tiny_llama, run_cli, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from distil.align import StudentAligner
 from distil.errors import DistilError
-from distil.losses import sparse_uld, uld
-
-from conftest import build_tiny_llama, run_cli, write_jsonl
+from distil.models.alignment import StudentAligner
+from distil.training.losses import sparse_uld, uld
 
 SENTENCES = ["the cat sat on the mat", "a dog ran to the park", "the sun is hot today",
              "cats and dogs play", "where is the red hat", "today the park is quiet"]
@@ -253,17 +252,17 @@ def test_different_tokenizers_without_the_key_fail_before_any_work(cross_recipe,
 
 
 def test_impossible_pairings_are_named(cross_recipe):
-    from distil.pipeline import TeacherPrompts, _check_student
-    from distil.recipe import load_recipe
+    from distil.config.loading import load_recipe
+    from distil.generation.view import TeacherPrompts, check_student
 
     for overrides, field in ((["train.loss=reverse_kl"], "train.loss"),
                              (["train.mode=on_policy"], "train.mode")):
         recipe = load_recipe(cross_recipe, overrides)
         with pytest.raises(DistilError) as e:
-            _check_student(TeacherPrompts(recipe))
+            check_student(TeacherPrompts(recipe))
         assert e.value.field == field
     # A student that reads the teacher's own tokenizer has nothing to align.
     recipe = load_recipe(cross_recipe, ["student.from_model=null", "student.from_teacher.layers=[0]"])
     with pytest.raises(DistilError) as e:
-        _check_student(TeacherPrompts(recipe))
+        check_student(TeacherPrompts(recipe))
     assert e.value.field == "train.cross_tokenizer"

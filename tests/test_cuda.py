@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from distil import pipeline
-from distil.models import load_causal_lm, load_tokenizer
-from distil.recipe import GenerateConfig
-from distil.teachers.local import LocalTeacher, generate_batch
-from distil.training import DistillationObjective, collate
+from distil.config.recipe import GenerateConfig
+from distil.data.batches import collate
+from distil.generation.decoding import generate_batch
+from distil.generation.teachers.local import LocalTeacher
+from distil.models.sources import load_causal_lm, load_tokenizer
+from distil.training.objective import DistillationObjective
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -93,7 +95,7 @@ def test_on_policy_and_hidden_matching_on_gpu(load, tmp_path):
 
 def test_speculative_decoding_on_gpu_keeps_the_greedy_output(tiny_model_dir):
     """`distil speculate --device cuda`: target and draft on the GPU, output identical to the target's alone."""
-    from distil.speculate import decode, speculate_paths, stop_ids_of
+    from distil.deploy.speculate import decode, speculate_paths, stop_ids_of
 
     result = speculate_paths(str(tiny_model_dir), str(tiny_model_dir), ["hello there", "a b c d"], device="cuda",
                              max_new_tokens=8, draft_tokens=3)

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distil.data import Example, format_prompt, load_examples
+from distil.data.examples import Example, format_prompt, load_examples
 from distil.errors import DistilError
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "data" / "quickstart"

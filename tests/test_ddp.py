@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from distil import pipeline
+from distil.data.splits import load_data
+from distil.generation.view import TeacherPrompts, cached_rows
 
 # Trains the tiny student for 3 steps and saves its weights (rank 0) and summary.
 WORKER = textwrap.dedent("""
@@ -20,9 +22,9 @@ WORKER = textwrap.dedent("""
     import torch
     from safetensors.torch import save_file
     from accelerate import PartialState
-    from distil import models
-    from distil.recipe import TrainConfig
-    from distil.training import train_student
+    from distil.models import sources, students
+    from distil.config.recipe import TrainConfig
+    from distil.training.loop import train_student
 
     model_dir, rows_file, out, batch_size, grad_accum = sys.argv[1:6]
     torch.set_num_threads(1)
@@ -30,9 +32,9 @@ WORKER = textwrap.dedent("""
     # (AdamW's update would hide a constant factor).
     torch.optim.AdamW = lambda params, lr, weight_decay, betas: torch.optim.SGD(params, lr=lr)
     rows = json.load(open(rows_file))
-    teacher = models.load_causal_lm(model_dir, device="cpu")
+    teacher = sources.load_causal_lm(model_dir, device="cpu")
     torch.manual_seed(0)
-    student = models.student_from_teacher(teacher, [0, 3])
+    student = students.student_from_teacher(teacher, [0, 3])
     cfg = TrainConfig(steps=3, batch_size=int(batch_size), grad_accum=int(grad_accum), warmup=1, lr=1.0,
                       alpha=0.3, temperature=2.0, max_grad_norm=None)
     summary = train_student(student, rows, cfg, pad_id=0, out_dir=__import__("pathlib").Path(out), run_name="s")
@@ -53,9 +55,9 @@ def _run(cmd: list[str], cwd) -> None:
 def test_two_process_ddp_equals_one_process(load, tmp_path, tiny_model_dir):
     recipe = load()
     pipeline.generate(recipe)
-    view = pipeline.TeacherPrompts(recipe)
-    train_ex, _ = pipeline.load_data(recipe)
-    rows = pipeline._cached_rows(recipe, view.keys(train_ex), "train")
+    view = TeacherPrompts(recipe)
+    train_ex, _ = load_data(recipe)
+    rows = cached_rows(recipe, view.keys(train_ex), "train")
     assert view.tokenizer.pad_token_id == 0
     rows_file = tmp_path / "rows.json"
     rows_file.write_text(json.dumps(rows))

@@ -6,10 +6,13 @@ import json
 import time
 
 import pytest
-
 from conftest import run_cli
-from distil import models, pipeline
+
+from distil import pipeline
+from distil.data.splits import load_data
 from distil.errors import DistilError
+from distil.generation.view import TeacherPrompts
+from distil.models import sources, students
 
 MODELS = ("teacher", "student", "baseline")
 
@@ -56,8 +59,8 @@ def test_distil_run_writes_the_report(recipe_path, tmp_path, distil_home):
     assert len((out / "eval_answers.jsonl").read_text().splitlines()) == 8
 
     # Running again does no work twice: nothing is generated and training is skipped.
-    from distil.cache import TeacherCache
-    from distil.recipe import load_recipe
+    from distil.config.loading import load_recipe
+    from distil.generation.cache import TeacherCache
 
     recipe = load_recipe(recipe_path)
     shards = TeacherCache(recipe.cache_dir).shards()
@@ -97,9 +100,10 @@ def test_bad_prompts_file_checked_before_models_in_process(bad_prompts_recipe, p
     def forbidden(*args, **kwargs):
         raise AssertionError("a model or tokenizer was loaded before the data was checked")
 
-    for name in ("resolve", "load_tokenizer", "load_causal_lm", "build_student"):
-        monkeypatch.setattr(models, name, forbidden)
-    from distil.recipe import load_recipe
+    for module, name in ((sources, "resolve"), (sources, "load_tokenizer"), (sources, "load_causal_lm"),
+                         (students, "build_student")):
+        monkeypatch.setattr(module, name, forbidden)
+    from distil.config.loading import load_recipe
 
     with pytest.raises(DistilError) as info:
         pipeline.run(load_recipe(bad_prompts_recipe))
@@ -112,7 +116,7 @@ def test_bad_prompts_file_checked_before_models_in_process(bad_prompts_recipe, p
 
 @pytest.fixture
 def in_process_speed(monkeypatch):
-    import distil.speed as speed
+    import distil.evaluation.speed as speed
 
     def measure_here(model_dir, prompts, max_new_tokens=32):
         return speed.measure(model_dir, prompts, 4)
@@ -130,7 +134,7 @@ def trained(load, *overrides):
 def test_evaluate_metrics_match_an_independent_computation(load, in_process_speed):
     import torch
 
-    from distil.cache import TeacherCache
+    from distil.generation.cache import TeacherCache
 
     recipe = trained(load, "eval.baseline=false")
     report = pipeline.evaluate(recipe)
@@ -138,11 +142,11 @@ def test_evaluate_metrics_match_an_independent_computation(load, in_process_spee
     assert set(report["metrics"]["top1_agreement"]) >= {"teacher", "student"}
     assert (recipe.out_dir / "report.html").exists()
 
-    view = pipeline.TeacherPrompts(recipe)
-    _, eval_ex = pipeline.load_data(recipe)
+    view = TeacherPrompts(recipe)
+    _, eval_ex = load_data(recipe)
     rows_by_key = TeacherCache(recipe.cache_dir).read()
     rows = [rows_by_key[k] for k in view.keys(eval_ex)]
-    student = models.load_causal_lm(recipe.out_dir / "student", device="cpu")
+    student = sources.load_causal_lm(recipe.out_dir / "student", device="cpu")
     agree = kl = nll = n = 0.0
     teacher_nll = 0.0
     for row in rows:

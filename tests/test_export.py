@@ -17,11 +17,13 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli
+
+from distil.data.splits import load_data
+from distil.deploy.export import export_model, load_int8, size_on_disk
+from distil.deploy.runtimes import OnnxRuntime, TorchRuntime, greedy
 from distil.errors import DistilError
-from distil.export import export_model, load_int8, size_on_disk
-from distil.runtimes import OnnxRuntime, TorchRuntime, greedy
+from distil.generation.view import TeacherPrompts, cached_rows
 
 TEXT = "what is the best way to learn a new language quickly ? tell me about stars 123 and moons"
 
@@ -69,7 +71,7 @@ def _rounded(model, quant: str):
 def test_gguf_reads_back_in_gguf_and_transformers(bpe_model_dir, tmp_path, distil_home, quant, tolerance):
     import gguf
 
-    from distil.models import load_tokenizer, resolve
+    from distil.models.sources import load_tokenizer, resolve
 
     model, tokenizer = _source(bpe_model_dir)
     artifact = export_model(bpe_model_dir, "gguf", tmp_path / f"m-{quant}.gguf", quant)
@@ -127,8 +129,8 @@ def test_gguf_runs_in_llama_cpp_itself(bpe_model_dir, tmp_path, quant, tolerance
 def test_gguf_exports_are_scored_and_timed_in_llama_cpp(bpe_model_dir, tmp_path):
     """With the `llama` extra, a GGUF row of the report is llama.cpp's own numbers, one row at a time."""
     pytest.importorskip("llama_cpp")
-    from distil.deploy_eval import evaluate_runtime
-    from distil.runtimes import LlamaCppRuntime, open_runtime
+    from distil.deploy.runtimes import LlamaCppRuntime, open_runtime
+    from distil.deploy.scoring import evaluate_runtime
 
     model, tokenizer = _source(bpe_model_dir)
     runtime = open_runtime(export_model(bpe_model_dir, "gguf", tmp_path / "m.gguf", "f16").path)
@@ -192,7 +194,7 @@ def test_onnx_with_kv_cache_matches_transformers(tiny_model_dir, tmp_path):
 def test_int8_is_stored_without_pickle_and_reloads_exactly(tiny_model_dir, tmp_path):
     from safetensors import safe_open
 
-    from distil.export import INT8_WEIGHTS, _quantize_dynamic
+    from distil.deploy.export import INT8_WEIGHTS, quantize_dynamic
 
     model, tokenizer = _source(tiny_model_dir)
     artifact = export_model(tiny_model_dir, "int8", tmp_path / "int8")
@@ -205,7 +207,7 @@ def test_int8_is_stored_without_pickle_and_reloads_exactly(tiny_model_dir, tmp_p
 
     ids = tokenizer(TEXT)["input_ids"]
     loaded = _logits(load_int8(artifact.path), ids)
-    in_memory = _quantize_dynamic(_source(tiny_model_dir)[0])
+    in_memory = quantize_dynamic(_source(tiny_model_dir)[0])
     with torch.no_grad():  # the in-memory model with the same int8 table as input embedding
         in_memory.model.embed_tokens.weight.copy_(in_memory.lm_head._weight_bias()[0].dequantize())
     assert torch.allclose(loaded, _logits(in_memory, ids), atol=1e-6)
@@ -249,12 +251,12 @@ def test_recipe_export_section_adds_scored_rows_to_the_report(load, tmp_path):
     metrics = {"token_f1", "top1_agreement", "teacher_kl", "perplexity", "perplexity_reference"}
     assert set(reference["metrics"]) == metrics and reference["tokens_per_s"] > 0
     # The fp32 reference goes through the same runtime code as the exports, and agrees with `distil eval`'s scorer.
-    from distil.evaluation import score_on_teacher_text, summarize
-    from distil.models import load_causal_lm
+    from distil.evaluation.metrics import score_on_teacher_text, summarize
+    from distil.models.sources import load_causal_lm
 
-    _, eval_ex = pipeline.load_data(recipe)
-    view = pipeline.TeacherPrompts(recipe)
-    rows = pipeline._cached_rows(recipe, view.keys(eval_ex), "held-out")
+    _, eval_ex = load_data(recipe)
+    view = TeacherPrompts(recipe)
+    rows = cached_rows(recipe, view.keys(eval_ex), "held-out")
     expected = summarize(score_on_teacher_text(load_causal_lm(tmp_path / "out" / "student", device="cpu"), rows,
                                                pad_id=view.tokenizer.pad_token_id))
     for name in ("top1_agreement", "teacher_kl", "perplexity"):

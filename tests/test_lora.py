@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_cli, write_jsonl
+
 from distil.errors import DistilError
 
 
@@ -48,7 +48,7 @@ def test_recipe_student_lora_trains_only_adapters_and_saves_them(load, tmp_path)
 def test_bad_target_module_names_the_field(load, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from distil.lora import wrap
+    from distil.models.lora import wrap
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with pytest.raises(DistilError, match='field "lora.target_modules".*qkv'):
@@ -65,9 +65,9 @@ def test_adapt_learns_the_domain_and_merge_matches_the_adapters(tiny_model_dir, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from distil.data import load_examples
-    from distil.lora import adapt, labelled_rows
-    from distil.models import load_tokenizer
+    from distil.data.examples import load_examples
+    from distil.deploy.adapt import adapt, labelled_rows
+    from distil.models.sources import load_tokenizer
 
     summary = adapt(tiny_model_dir, labelled, tmp_path / "adapter", r=8, alpha=16, steps=30, lr=0.02, batch_size=4)
     merged_summary = adapt(tiny_model_dir, labelled, tmp_path / "merged", r=8, alpha=16, steps=30, lr=0.02,
@@ -95,9 +95,9 @@ def test_adapt_learns_the_domain_and_merge_matches_the_adapters(tiny_model_dir, 
 
 
 def test_cli_adapt_and_export_of_an_adapter_folder(tiny_model_dir, labelled, tmp_path):
-    from distil.deploy_eval import compare_with_source
-    from distil.export import export_model, load_source
-    from distil.lora import adapt
+    from distil.deploy.adapt import adapt
+    from distil.deploy.export import export_model, load_source
+    from distil.deploy.scoring import compare_with_source
 
     proc = run_cli("adapt", "--model", str(tiny_model_dir), "--data", str(labelled), "--out", str(tmp_path / "a"),
                    "--steps", "4", "--batch-size", "4")

@@ -1,4 +1,4 @@
-"""The divergence family in distil.losses against float64 references written independently here.
+"""The divergence family in distil.training.losses against float64 references written independently here.
 
 The references work in plain probability space (softmax, mixtures as weighted sums, log of
 ratios) in torch.float64; the implementation works in float32 log space. Gradients are
@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from distil import losses
-from distil.losses import DIVERGENCES, chunked_divergence, divergence
 from references import ref_reduce
+
+from distil.training import losses
+from distil.training.losses import DIVERGENCES, chunked_divergence, divergence
 
 NAMES = ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,4 +1,4 @@
-"""distil.losses against float64 references written independently here (numpy and torch float64)."""
+"""distil.training.losses against float64 references written independently here (numpy and torch float64)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from distil.losses import bucket_student, bucket_teacher, cross_entropy, sparse_forward_kl
 from references import ref_reduce
+
+from distil.training.losses import bucket_student, bucket_teacher, cross_entropy, sparse_forward_kl
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -245,7 +245,7 @@ def test_sparse_kl_sum_is_mean_times_count():
                                           ("tvd", {})])
 def test_trainer_fast_path_matches_each_exact_sparse_divergence(name, params):
     """The trainer's one-log-softmax path equals the divergence's exact sparse function in value and gradient."""
-    from distil.losses import divergence, sparse_divergence_from_log_probs, sparse_forward_kl_from_log_probs
+    from distil.training.losses import divergence, sparse_divergence_from_log_probs, sparse_forward_kl_from_log_probs
 
     torch.manual_seed(0)
     n, v, k = 12, 300, 16

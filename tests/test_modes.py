@@ -6,15 +6,19 @@ import pytest
 import torch
 import yaml
 from conftest import die_after_checkpoint, tiny_recipe_dict
+from test_train import assert_same_weights, log_lines, student_tensors
 from transformers import AutoModelForCausalLM
 
-import distil.training as train_module
-from distil import models, pipeline
+import distil.training.loop as train_module
+from distil import pipeline
+from distil.config.loading import load_recipe
+from distil.data.batches import collate
+from distil.data.splits import load_data
 from distil.errors import DistilError
-from distil.online import teacher_forward
-from distil.recipe import load_recipe
-from distil.training import DistillationObjective, collate
-from test_train import assert_same_weights, log_lines, student_tensors
+from distil.generation.view import TeacherPrompts, cached_rows
+from distil.models import sources, students
+from distil.training.objective import DistillationObjective
+from distil.training.online import teacher_forward
 
 
 @pytest.fixture
@@ -48,9 +52,9 @@ def test_on_policy_with_lambda_zero_equals_supervised(cached, tmp_path):
 def test_teacher_scoring_reproduces_the_cached_targets(cached):
     """Scoring the teacher's own text online gives the top-k and tail `distil generate` stored."""
     recipe = cached()
-    view = pipeline.TeacherPrompts(recipe)
-    train_ex, _ = pipeline.load_data(recipe)
-    rows = pipeline._cached_rows(recipe, view.keys(train_ex), "train")[:6]
+    view = TeacherPrompts(recipe)
+    train_ex, _ = load_data(recipe)
+    rows = cached_rows(recipe, view.keys(train_ex), "train")[:6]
     teacher = view.load_model()
     cached_batch = collate(rows, view.tokenizer.pad_token_id)
     scored = collate([{"prompt_ids": r["prompt_ids"], "token_ids": r["token_ids"]} for r in rows],
@@ -79,8 +83,8 @@ def test_on_policy_student_writes_and_resumes_exactly(cached, tmp_path, monkeypa
     assert all(line["on_policy_share"] == 1 for line in logs)
     for line in logs:  # alpha is 0 on the student's own text: loss = T^2 * divergence
         assert line["loss"] == pytest.approx(line["kd"]) and line["kd"] > 0
-    cached_texts = {tuple(r["token_ids"]) for r in pipeline._cached_rows(
-        a, pipeline.TeacherPrompts(a).keys(pipeline.load_data(a)[0]), "train")}
+    cached_texts = {tuple(r["token_ids"]) for r in cached_rows(
+        a, TeacherPrompts(a).keys(load_data(a)[0]), "train")}
     written = [tuple(r["token_ids"]) for rows in seen for r in rows]
     assert written and "topk_ids" not in seen[0][0]
     assert sum(t not in cached_texts for t in written) > len(written) // 2
@@ -129,9 +133,9 @@ def test_hidden_matching_with_projection_resumes_and_is_not_saved(cached, tmp_pa
 
 @pytest.mark.parametrize("kind", ["mse", "cosine"])
 def test_hidden_loss_equals_float64_reference(tiny_model_dir, kind):
-    teacher = models.load_causal_lm(tiny_model_dir, device="cpu")
+    teacher = sources.load_causal_lm(tiny_model_dir, device="cpu")
     torch.manual_seed(0)
-    student = models.build_student(load_recipe_student(), teacher)
+    student = students.build_student(load_recipe_student(), teacher)
     pairs = [(1, 2), (2, 4)]
     objective = DistillationObjective(student, alpha=0.5, temperature=1.0, hidden_pairs=pairs, hidden_loss=kind,
                                       teacher_width=teacher.config.hidden_size)
@@ -158,7 +162,7 @@ def test_hidden_loss_equals_float64_reference(tiny_model_dir, kind):
 
 
 def load_recipe_student():
-    from distil.recipe import StudentConfig
+    from distil.config.recipe import StudentConfig
     return StudentConfig(config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
                                  "num_attention_heads": 2, "num_key_value_heads": 1})
 

@@ -9,15 +9,25 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from conftest import (
+    PROMPT_WORDS,
+    RECIPE_BODY,
+    build_tiny_llama,
+    build_tokenizer,
+    run_cli,
+    tiny_recipe_dict,
+    write_jsonl,
+)
 
-from conftest import PROMPT_WORDS, RECIPE_BODY, build_tiny_llama, build_tokenizer, run_cli, tiny_recipe_dict, write_jsonl
 from distil import pipeline
-from distil.cache import TeacherCache
+from distil.config.loading import load_recipe
+from distil.data.splits import load_data
 from distil.errors import DistilError
-from distil.explain import final_answer, teacher_chat
-from distil.recipe import load_recipe
-from distil.teachers.local import topk_with_tail
-from distil.teachers.many import Teachers, mix_log_probs
+from distil.generation.cache import TeacherCache
+from distil.generation.decoding import topk_with_tail
+from distil.generation.explain import final_answer, teacher_chat
+from distil.generation.teachers.many import Teachers, mix_log_probs
+from distil.generation.view import TeacherPrompts, generation_settings, teacher_view
 
 CATEGORIES = ["science", "food", "chat"]
 
@@ -84,7 +94,7 @@ def cache_rows(cache_dir) -> list[dict]:
 def test_route_gives_every_row_to_its_teacher_once_in_one_cache(tmp_path, tiny_model_dir, second_model_dir,
                                                                  categorized, distil_home):
     recipe = load_recipe(multi_recipe(tmp_path, tiny_model_dir, second_model_dir))
-    train_ex, eval_ex = pipeline.load_data(recipe)
+    train_ex, eval_ex = load_data(recipe)
     examples = train_ex + eval_ex
     summary = pipeline.generate(recipe)
     assert summary["generated"] == summary["rows"] == 24
@@ -93,7 +103,7 @@ def test_route_gives_every_row_to_its_teacher_once_in_one_cache(tmp_path, tiny_m
     rows = cache_rows(recipe.cache_dir)
     assert len(rows) == 24 and len({r["key"] for r in rows}) == 24  # each row exactly once, in one cache
     by_key = {r["key"]: r for r in rows}
-    view = pipeline.teacher_view(recipe)
+    view = teacher_view(recipe)
     for ex, key in zip(examples, view.keys(examples)):
         assert by_key[key]["teacher"] == ("a" if ex.category in ("science", "food") else "b")
 
@@ -103,7 +113,7 @@ def test_route_gives_every_row_to_its_teacher_once_in_one_cache(tmp_path, tiny_m
         pipeline.generate(alone)
         own = {r["key"]: r for r in cache_rows(alone.cache_dir)}
         share = [ex for ex in examples if ex.category in wanted]
-        for key in pipeline.TeacherPrompts(alone).keys(share):
+        for key in TeacherPrompts(alone).keys(share):
             assert by_key[key]["token_ids"] == own[key]["token_ids"]
             assert by_key[key]["topk_ids"] == own[key]["topk_ids"]  # (other batches: float noise in the values)
             assert torch.allclose(torch.tensor(by_key[key]["topk_logprobs"]), torch.tensor(own[key]["topk_logprobs"]),
@@ -171,11 +181,11 @@ def test_mixture_matches_a_float64_reference_and_keeps_all_mass():
 
 def test_ensemble_rows_average_both_teachers_on_the_first_ones_text(tmp_path, tiny_model_dir, second_model_dir,
                                                                     categorized, distil_home):
-    from distil.models import load_causal_lm
-    from distil.training import collate
+    from distil.data.batches import collate
+    from distil.models.sources import load_causal_lm
 
     recipe = load_recipe(multi_recipe(tmp_path, tiny_model_dir, second_model_dir, mode="ensemble"))
-    train_ex, eval_ex = pipeline.load_data(recipe)
+    train_ex, eval_ex = load_data(recipe)
     examples = train_ex + eval_ex
     summary = pipeline.generate(recipe)
     assert summary["teachers"]["a"]["generated"] == 24 and summary["teachers"]["b"] == {"rows": 0, "scores_every_row": True}
@@ -183,8 +193,8 @@ def test_ensemble_rows_average_both_teachers_on_the_first_ones_text(tmp_path, ti
 
     rows = {r["key"]: r for r in cache_rows(recipe.cache_dir)}
     assert len(rows) == 48  # the first teacher's own rows, and the ensemble's
-    view = pipeline.teacher_view(recipe)
-    writer = pipeline.TeacherPrompts(recipe.member(0))
+    view = teacher_view(recipe)
+    writer = TeacherPrompts(recipe.member(0))
     teachers = [load_causal_lm(d, device="cpu") for d in (tiny_model_dir, second_model_dir)]
     for key, wkey in zip(view.keys(examples), writer.keys(examples)):
         row, written = rows[key], rows[wkey]
@@ -259,8 +269,8 @@ def test_a_member_is_a_plain_teacher_section(tmp_path):
     assert member.teachers is None and member.teacher.model == "some/b" and member.teacher.dtype == "bfloat16"
     assert recipe.member(0).teacher.model_fields_set == {"model"}
     # A lower-precision teacher writes other text: its rows are keyed apart; float32 keys are unchanged.
-    f32 = pipeline.generation_settings(recipe.member(0))
-    assert "dtype" not in f32 and pipeline.generation_settings(member) == {**f32, "dtype": "bfloat16"}
+    f32 = generation_settings(recipe.member(0))
+    assert "dtype" not in f32 and generation_settings(member) == {**f32, "dtype": "bfloat16"}
 
 
 # --- explanation tuning ------------------------------------------------------------------------
@@ -268,8 +278,8 @@ def test_a_member_is_a_plain_teacher_section(tmp_path):
 
 def test_explain_asks_the_teacher_and_trains_the_student_on_the_plain_prompt(load, tiny_model_dir):
     plain, explained = load(), load("generate.explain=true", "data.system_prompt=be brief")
-    train_ex, _ = pipeline.load_data(plain)
-    view, eview = pipeline.TeacherPrompts(plain), pipeline.TeacherPrompts(explained)
+    train_ex, _ = load_data(plain)
+    view, eview = TeacherPrompts(plain), TeacherPrompts(explained)
     asked = eview.prompts(train_ex)
     assert all(explained.generate.explain_prompt in p and "be brief" in p for p in asked)
     assert not any(explained.generate.explain_prompt in p for p in view.prompts(train_ex))

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import write_jsonl
-from distil import pipeline, quality
-from distil.cache import TeacherCache
-from distil.data import Example
+
+from distil import pipeline
+from distil.data import quality
+from distil.data.examples import Example
+from distil.data.splits import checked_answers, load_data_with_stats
 from distil.errors import DistilError
-from distil.report import write_html_report
+from distil.evaluation.report import write_html_report
+from distil.generation.cache import TeacherCache
+from distil.generation.view import TeacherPrompts
 
 
 def ex(text: str, category: str | None = None, reference: str | None = None) -> Example:
@@ -85,14 +88,14 @@ def test_pipeline_removes_duplicates_before_the_teacher_and_bad_answers_before_t
     write_jsonl(train_file, [{**r, "category": "even" if i % 2 == 0 else "odd"} for i, r in enumerate(rows)])
     base = ("data.dedupe=near", "data.near_duplicate_threshold=0.75", "train.steps=2", "eval.baseline=false")
     recipe = load(*base, "data.reject=[truncated]")
-    train_ex, eval_ex, stats = pipeline.load_data_with_stats(recipe)
+    train_ex, eval_ex, stats = load_data_with_stats(recipe)
     assert stats["train"]["rows_in"] == 26 and stats["train"]["kept"] == len(train_ex) == 24
     assert stats["train"]["rejected"] == {"exact_duplicate": 1, "near_duplicate": 1}
     summary = pipeline.generate(recipe)
     assert summary["rows"] == 32  # the teacher never saw the copies
     pipeline.train(recipe)
     written = json.loads((recipe.out_dir / "data_quality.json").read_text())
-    cached = TeacherCache(recipe.cache_dir).read(set(pipeline.TeacherPrompts(recipe).keys(train_ex)))
+    cached = TeacherCache(recipe.cache_dir).read(set(TeacherPrompts(recipe).keys(train_ex)))
     truncated = sum(r["finish_reason"] == "length" for r in cached.values())
     assert 0 < truncated < 24
     assert written["train"]["rejected"]["truncated"] == truncated
@@ -104,6 +107,6 @@ def test_pipeline_removes_duplicates_before_the_teacher_and_bad_answers_before_t
     assert "<h2>Data</h2>" in text and "truncated: " in text and "near_duplicate: 1" in text
 
     with pytest.raises(DistilError) as e:  # nothing left to train on is a clear error
-        pipeline._checked_answers(load(*base, "data.reject=[empty]"), train_ex[:2],
+        checked_answers(load(*base, "data.reject=[empty]"), train_ex[:2],
                                   [{"text": "", "finish_reason": "stop"}] * 2, ["k1", "k2"])
     assert e.value.field == "data.reject"

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import RECIPE_BODY, run_cli
+
+from distil.config.loading import apply_override, load_recipe
+from distil.config.recipe import Recipe
 from distil.errors import DistilError
-from distil.recipe import Recipe, apply_override, load_recipe
 
 BASE = "teacher:\n  model: some/teacher\n" + RECIPE_BODY
 # BASE has 8 lines: a section appended after it starts on line 9, its first key on line 10.

@@ -8,13 +8,15 @@ import math
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import PROMPT_WORDS, run_cli
-from distil import pipeline
-from distil.cache import TeacherCache
-from distil.errors import DistilError
-from distil.recipe import load_recipe
 from endpoints import FAULTS, ServeProcess, ThreadServer, expected_answer, faulty_endpoint
+
+from distil import pipeline
+from distil.config.loading import load_recipe
+from distil.data.splits import load_data
+from distil.errors import DistilError
+from distil.generation.cache import TeacherCache
+from distil.generation.view import TeacherPrompts
 
 
 def remote_recipe(recipe_path, url: str, model: str = "tiny-llama", **teacher) -> str:
@@ -72,14 +74,14 @@ def test_generate_against_distil_serve_matches_the_local_teacher(recipe_path, ti
 
 @pytest.fixture
 def words(tiny_model_dir):
-    from distil.models import load_tokenizer
+    from distil.models.sources import load_tokenizer
 
     vocab = load_tokenizer(tiny_model_dir).get_vocab()
     return [w for w in PROMPT_WORDS if w in vocab]
 
 
 def test_faulty_endpoint_every_row_exactly_once(recipe_path, words, monkeypatch):
-    monkeypatch.setattr("distil.teachers.openai.BACKOFF_BASE_S", 0.02)  # the schedule, not the waiting, is tested
+    monkeypatch.setattr("distil.generation.teachers.openai.BACKOFF_BASE_S", 0.02)  # the schedule, not the waiting, is tested
     app = faulty_endpoint(words, fault_every=12, hang_s=3.0)
     with ThreadServer(app) as server:
         # Retries generous enough that a loaded CI machine (slow good answers) cannot exhaust them.
@@ -94,11 +96,11 @@ def test_faulty_endpoint_every_row_exactly_once(recipe_path, words, monkeypatch)
     assert any(r.startswith("connection") for r in retries) and "log-probs missing" in retries
     assert summary["teacher_usage"]["rows_soft_targets"] == 32
     rows = all_rows(recipe.cache_dir)
-    expected = pipeline.TeacherPrompts(recipe).keys(pipeline.load_data(recipe)[0] + pipeline.load_data(recipe)[1])
+    expected = TeacherPrompts(recipe).keys(load_data(recipe)[0] + load_data(recipe)[1])
     assert sorted(r["key"] for r in rows) == sorted(expected)  # every row, none twice
     examples = {r["prompt"]: r for r in rows}
-    train_ex, eval_ex = pipeline.load_data(recipe)
-    view = pipeline.TeacherPrompts(recipe)
+    train_ex, eval_ex = load_data(recipe)
+    view = TeacherPrompts(recipe)
     for ex, prompt in zip(train_ex + eval_ex, view.prompts(train_ex + eval_ex)):
         row = examples[prompt]
         want = expected_answer(list(ex.messages), words)
@@ -115,7 +117,7 @@ def test_faulty_endpoint_every_row_exactly_once(recipe_path, words, monkeypatch)
 def test_log_probs_missing_again_and_again_for_one_row(recipe_path, words, max_retries, soft):
     """An endpoint that sends log-probs but leaves them out 4 times running for one prompt: retried within
     max_retries; when those run out the last reply is kept as text, never failing the run."""
-    train_ex, eval_ex = pipeline.load_data(load_recipe(recipe_path))
+    train_ex, eval_ex = load_data(load_recipe(recipe_path))
     last = (train_ex + eval_ex)[-1].messages[-1]["content"]  # asked last: log-probs have been seen by then
     app = faulty_endpoint(words, fault_every=None, scripted={last: ["no-logprobs"] * 4})
     with ThreadServer(app) as server:
@@ -195,8 +197,8 @@ def test_recipe_keeps_local_default_and_checks_openai_fields(recipe_path, load):
 
 
 def test_row_builder_maps_tokens_and_folds_unmapped_alternatives_into_the_tail(tiny_model_dir):
-    from distil.models import load_tokenizer
-    from distil.teachers.openai import Reply, RowBuilder
+    from distil.generation.teachers.openai import Reply, RowBuilder
+    from distil.models.sources import load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
     b = RowBuilder(tok, 3)
@@ -222,7 +224,7 @@ def test_completions_endpoint_maps_token_texts(recipe_path, words):
     usage = summary["teacher_usage"]
     assert usage["rows_soft_targets"] == 32
     assert usage["rows_tokens_counted_locally"] == 32 and usage["completion_tokens"] == 32 * 3  # no usage in replies
-    view = pipeline.TeacherPrompts(recipe)
+    view = TeacherPrompts(recipe)
     assert usage["prompt_tokens"] == sum(len(r["prompt_ids"]) for r in all_rows(recipe.cache_dir))
     for row in all_rows(recipe.cache_dir):
         want = expected_answer([{"content": row["prompt"]}], words)
@@ -236,7 +238,7 @@ def test_rate_limit_and_retry_after():
     import email.utils
     import time
 
-    from distil.teachers.openai import _RateLimiter, _retry_after
+    from distil.generation.teachers.openai import _RateLimiter, _retry_after
 
     async def five():
         limiter = _RateLimiter(600)  # one every 0.1 s

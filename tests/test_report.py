@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from distil.report import write_html_report
+from distil.evaluation.report import write_html_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IMG_RE = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -171,7 +171,7 @@ def test_paired_bootstrap_against_a_plain_loop():
 
     import numpy as np
 
-    from distil.evaluation import paired_bootstrap, summarize
+    from distil.evaluation.metrics import paired_bootstrap, summarize
 
     rng = np.random.default_rng(1)
     a = [{"n": int(n), "agree": float(rng.integers(0, n + 1)), "kl": float(rng.random() * n), "nll": float(rng.random() * 3 * n)}
@@ -188,7 +188,7 @@ def test_paired_bootstrap_against_a_plain_loop():
 
 
 def test_identical_models_have_a_zero_interval_and_a_dominating_one_a_positive_interval():
-    from distil.evaluation import paired_bootstrap
+    from distil.evaluation.metrics import paired_bootstrap
 
     same = paired_bootstrap(_rows([3, 5, 7, 2]), _rows([3, 5, 7, 2]))
     assert same["top1_agreement"] == [0.0, 0.0]

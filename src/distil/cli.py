@@ -30,8 +30,8 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 def _recipe(args: Optional[list[str]]):
+    from distil.config.loading import load_recipe
     from distil.paths import shipped
-    from distil.recipe import load_recipe
 
     args = list(args or [])
     path = args.pop(0) if args and "=" not in args[0] else str(shipped("recipes/quickstart.yaml"))
@@ -112,7 +112,8 @@ def serve(model: str = typer.Option(..., "--model", help="Model to serve: a Hugg
              then: curl http://127.0.0.1:8000/v1/chat/completions -H "Authorization: Bearer secret"
                    -d '{"model": "student", "messages": [{"role": "user", "content": "hi"}]}'
     """
-    from distil.serve import Limits, serve as run_server
+    from distil.serving.server import Limits
+    from distil.serving.server import serve as run_server
 
     for flag, value in (("--max-tokens", max_tokens), ("--max-prompt-tokens", max_prompt_tokens),
                         ("--max-body-bytes", max_body_bytes), ("--max-batch", max_batch)):
@@ -143,7 +144,7 @@ def export_cmd(model: str = typer.Option(..., "--model", help="A Hugging Face mo
     """
     from pathlib import Path
 
-    from distil.export import export_model
+    from distil.deploy.export import export_model
     from distil.tasks.export import model_kind
 
     kind = model_kind(model)
@@ -161,8 +162,8 @@ def export_cmd(model: str = typer.Option(..., "--model", help="A Hugging Face mo
     if check and kind is not None:
         summary["check"] = compare_with_source(model, artifact.path)
     elif check:
-        from distil.deploy_eval import compare_with_source as compare_lm
-        from distil.export import load_source
+        from distil.deploy.export import load_source
+        from distil.deploy.scoring import compare_with_source as compare_lm
 
         _, tokenizer = load_source(model)
         summary["check"] = compare_lm(Path(model), artifact.path, tokenizer)
@@ -184,7 +185,7 @@ def adapt(model: str = typer.Option(..., "--model", help="The distilled student 
 
     Example: distil adapt --model runs/quickstart/student --data support.jsonl --out runs/support-lora --steps 200 --merge
     """
-    from distil.lora import adapt as run_adapt
+    from distil.deploy.adapt import adapt as run_adapt
 
     summary = run_adapt(model, data, out, r=r, alpha=alpha, target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()),
                         steps=steps, lr=lr, batch_size=batch_size, merge_into_model=merge)
@@ -218,9 +219,9 @@ def speculate(target: str = typer.Option(..., "--target", help="The large model 
     """
     from pathlib import Path
 
-    from distil.data import load_examples
+    from distil.data.examples import load_examples
+    from distil.deploy.speculate import speculate_paths
     from distil.paths import shipped
-    from distil.speculate import speculate_paths
 
     examples = load_examples(Path(prompts) if prompts else shipped("data/quickstart/eval.jsonl"))[:n]
     _print(speculate_paths(target, draft, [ex.messages[-1]["content"] for ex in examples],

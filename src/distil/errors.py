@@ -60,3 +60,13 @@ def is_disk_full(error: BaseException, path=None) -> bool:
         except OSError:
             return False
     return False
+
+
+def require(module: str, extra: str) -> None:
+    """A clear error when an optional dependency is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise DistilError(f"this needs the '{module}' package: pip install 'distil[{extra}]'")
+
+

@@ -18,9 +18,11 @@ from test_kill import _cache_state, _prompts
 from test_remote_teacher import all_rows
 
 from distil import pipeline
+from distil.config.loading import load_recipe
+from distil.data.splits import load_data
 from distil.errors import DistilError
-from distil.models import load_tokenizer
-from distil.recipe import load_recipe
+from distil.generation.view import TeacherPrompts
+from distil.models.sources import load_tokenizer
 
 
 def _recipe(tmp_path, model_dir, url: str, n_prompts: int) -> str:
@@ -39,7 +41,7 @@ def _recipe(tmp_path, model_dir, url: str, n_prompts: int) -> str:
 
 def test_thirty_percent_faults_every_row_exactly_once(tmp_path, tiny_model_dir, distil_home, monkeypatch,
                                                       reliability_full):
-    monkeypatch.setattr("distil.teachers.openai.BACKOFF_BASE_S", 0.02)  # the schedule, not the waiting, is tested
+    monkeypatch.setattr("distil.generation.teachers.openai.BACKOFF_BASE_S", 0.02)  # the schedule, not the waiting, is tested
     vocab = load_tokenizer(tiny_model_dir).get_vocab()
     words = [w for w in PROMPT_WORDS if w in vocab]
     n = 400 if reliability_full else 96
@@ -54,8 +56,8 @@ def test_thirty_percent_faults_every_row_exactly_once(tmp_path, tiny_model_dir, 
     assert set(stats["faults"]) == set(FAULTS)
     assert 0.2 < faults / stats["requests"] < 0.4
     rows = all_rows(recipe.cache_dir)
-    train_ex, eval_ex = pipeline.load_data(recipe)
-    view = pipeline.TeacherPrompts(recipe)
+    train_ex, eval_ex = load_data(recipe)
+    view = TeacherPrompts(recipe)
     assert sorted(r["key"] for r in rows) == sorted(view.keys(train_ex + eval_ex))  # each row once
     assert len(_cache_state(recipe.cache_dir)) == n  # readable shards, no temporaries, no duplicates
     by_prompt = {r["prompt"]: r for r in rows}
@@ -66,7 +68,7 @@ def test_thirty_percent_faults_every_row_exactly_once(tmp_path, tiny_model_dir, 
 
 
 def test_endpoint_down_for_good_keeps_the_cached_rows(tmp_path, tiny_model_dir, distil_home, monkeypatch):
-    monkeypatch.setattr("distil.teachers.openai.BACKOFF_BASE_S", 0.02)
+    monkeypatch.setattr("distil.generation.teachers.openai.BACKOFF_BASE_S", 0.02)
     vocab = load_tokenizer(tiny_model_dir).get_vocab()
     words = [w for w in PROMPT_WORDS if w in vocab]
     app = faulty_endpoint(words, fault_every=None)

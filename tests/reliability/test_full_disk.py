@@ -16,9 +16,9 @@ import torch
 import yaml
 from conftest import tiny_recipe_dict, write_jsonl
 from safetensors.torch import load_file
+from test_kill import _cache_state, _prompts
 
 from distil import cli
-from test_kill import _cache_state, _prompts
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import schemathesis
 from endpoints import ThreadServer
 from hypothesis import HealthCheck, given, settings
 
-from distil.serve import Limits, create_app, load_engine
+from distil.serving.server import Limits, create_app, load_engine
 
 KEY = "sk-test-key"
 

@@ -3,7 +3,7 @@
 Each task module has the same stage functions as `distil.pipeline` — `generate` (teacher
 soft labels / embeddings into the teacher cache), `train`, `evaluate`, `export` (artifacts
 scored into the report, see `distil.tasks.export`) — taking its own recipe model from
-`distil.tasks.config`. `stage(recipe, name)` dispatches.
+`distil.config.tasks`. `stage(recipe, name)` dispatches.
 """
 
 from __future__ import annotations

@@ -25,10 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distil import models
+from distil import files
+from distil.config.tasks import ClassificationRecipe
+from distil.data.examples import read_table
 from distil.errors import DistilError
+from distil.models import sources
 from distil.tasks import common, factory
-from distil.tasks.config import ClassificationRecipe
 from distil.tasks.losses import soft_label_kd
 
 
@@ -46,7 +48,7 @@ class Split:
 
     def digest(self) -> str:
         xs = [self.x] if isinstance(self.x, torch.Tensor) else [self.x[k] for k in sorted(self.x)]
-        return common.tensor_digest(*xs, self.y)
+        return files.tensor_digest(*xs, self.y)
 
 
 # ----------------------------------------------------------------------------- data
@@ -92,7 +94,7 @@ def load_split(recipe: ClassificationRecipe, which: str, tokenizer=None, classes
             raise DistilError(f"labels must be in 0..{len(names) - 1}", file=str(path), field="y")
         return Split(x, y, names)
     rows = []
-    for where, row in common.read_rows(path)[:cap]:
+    for where, row in read_table(path)[:cap]:
         for field in (d.text_field, d.label_field):
             if field not in row:
                 raise DistilError("missing column", file=str(path), field=field, **where)
@@ -115,7 +117,7 @@ def text_tokenizer(recipe: ClassificationRecipe):
     if recipe.teacher.model.startswith("factory:") or not _is_text(recipe):
         return None
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(models.resolve(recipe.teacher.model).directory)
+    return AutoTokenizer.from_pretrained(sources.resolve(recipe.teacher.model).directory)
 
 
 def load_data(recipe: ClassificationRecipe) -> tuple[Split, Split]:
@@ -142,7 +144,7 @@ def build_model(model: str, args: dict, config: dict | None, num_classes: int, i
     if model.startswith("factory:"):
         return factory.build(model, num_classes, args)
     from transformers import AutoConfig
-    directory = models.resolve(model).directory
+    directory = sources.resolve(model).directory
     auto = _auto_class(is_text)
     if config is not None:
         cfg = AutoConfig.from_pretrained(directory)
@@ -167,7 +169,7 @@ def save_model(model: torch.nn.Module, folder: Path, spec: str, args: dict, num_
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
         (tmp / "distil_train.json").write_text(json.dumps(extra, indent=2, default=str))
-    common.write_atomic(folder, write)
+    files.write_atomic(folder, write)
 
 
 def load_model(folder: Path, is_text: bool = False) -> torch.nn.Module:
@@ -197,7 +199,7 @@ def predict(model: torch.nn.Module, split: Split, batch_size: int) -> tuple[torc
 # ----------------------------------------------------------------------------- teacher
 
 def _teacher_folder(recipe: ClassificationRecipe, train: Split) -> Path:
-    key = common.fingerprint("classifier-teacher", recipe.teacher.model_dump(), train.digest())
+    key = files.fingerprint("classifier-teacher", recipe.teacher.model_dump(), train.digest())
     return recipe.cache_dir / "classifiers" / key[:24]
 
 
@@ -208,7 +210,7 @@ def teacher(recipe: ClassificationRecipe, train: Split) -> tuple[torch.nn.Module
     if t.train is None:
         if t.model.startswith("factory:"):
             raise DistilError("a factory teacher starts untrained: give teacher.train", field="teacher.train")
-        source = models.resolve(t.model)
+        source = sources.resolve(t.model)
         return load_model(source.directory, is_text), source.identity
     folder = _teacher_folder(recipe, train)
     if (folder / "distil_train.json").exists():
@@ -223,7 +225,7 @@ def teacher(recipe: ClassificationRecipe, train: Split) -> tuple[torch.nn.Module
 
 
 def _soft_label_path(recipe: ClassificationRecipe, identity: str, train: Split, held_out: Split) -> Path:
-    key = common.fingerprint("soft-labels", identity, train.digest(), held_out.digest())
+    key = files.fingerprint("soft-labels", identity, train.digest(), held_out.digest())
     return recipe.cache_dir / "soft-labels" / f"{key[:32]}.safetensors"
 
 
@@ -244,7 +246,7 @@ def generate(recipe: ClassificationRecipe) -> dict:
 
 def _cached_logits(recipe: ClassificationRecipe, train: Split, held_out: Split) -> dict[str, torch.Tensor]:
     t = recipe.teacher
-    identity = (_teacher_folder(recipe, train).name if t.train is not None else models.resolve(t.model).identity)
+    identity = (_teacher_folder(recipe, train).name if t.train is not None else sources.resolve(t.model).identity)
     path = _soft_label_path(recipe, identity, train, held_out)
     if not path.exists():
         raise DistilError("the teacher's soft labels are not in the teacher cache; run `distil generate` first",
@@ -264,8 +266,8 @@ def train(recipe: ClassificationRecipe, resume: bool = False) -> dict:
     summaries = {}
     for name, alpha in runs:
         settings = cfg.model_dump(exclude={"checkpoint_every"} | ({"alpha", "temperature"} if alpha == 1.0 else set()))
-        key = common.fingerprint(s.model_dump(), settings, alpha, train_split.digest(),
-                                 common.tensor_digest(soft) if alpha < 1.0 else None)
+        key = files.fingerprint(s.model_dump(), settings, alpha, train_split.digest(),
+                                 files.tensor_digest(soft) if alpha < 1.0 else None)
         folder = recipe.out_dir / name
         marker = folder / "distil_train.json"
         if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == key:
@@ -358,7 +360,7 @@ def evaluate(recipe: ClassificationRecipe) -> dict:
               "settings": {"temperature": recipe.train.temperature, "alpha": recipe.train.alpha,
                            "epochs": recipe.train.epochs, "examples": recipe.train.examples or len(train_split),
                            "seed": recipe.train.seed}}
-    common.write_json(recipe.out_dir / "report.json", report)
+    files.write_json(recipe.out_dir / "report.json", report)
     write_task_report(report, recipe.out_dir / "report.html")
     return report
 

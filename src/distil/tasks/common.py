@@ -3,10 +3,8 @@ loop with warmup + cosine decay and a progress bar, fingerprints and atomic writ
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -16,42 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import get_cosine_schedule_with_warmup
 
+from distil.files import write_atomic
 from distil.progress import progress_bar
-
-
-def fingerprint(*parts) -> str:
-    """sha256 of the JSON of `parts` (sorted keys): the content address of cached work."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def tensor_digest(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(str((tuple(t.shape), t.dtype)).encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp) then rename tmp to path, so a kill never leaves a half-written file/folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-    write(tmp)
-    if tmp.is_file():
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-    if path.is_dir():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -60,10 +24,6 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
-
-
-def write_json(path: Path, data) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str)))
 
 
 def batches(n: int, batch_size: int, *, seed: int, epoch: int) -> Iterator[torch.Tensor]:
@@ -83,11 +43,11 @@ def fit(model: torch.nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor],
     AdamW, linear warmup then cosine decay to zero; a progress bar; one JSON line per logged
     step in `log_path`. With `checkpoints` (a folder) and `checkpoint_every` > 0, the model,
     optimizer, scheduler, RNG state and step are saved every `checkpoint_every` steps
-    (`distil.training.save_checkpoint`); `resume` continues from the newest one written for the
+    (`distil.training.loop.save_checkpoint`); `resume` continues from the newest one written for the
     same `fingerprint`, and ends with the weights an uninterrupted run would have.
     Returns {steps, resumed_from, seconds, final_loss}.
     """
-    from distil.training import truncate_log
+    from distil.training.loop import truncate_log
 
     torch.manual_seed(seed)
     per_epoch = math.ceil(n / batch_size)
@@ -139,7 +99,7 @@ def fit(model: torch.nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor],
 def _save_checkpoint(folder: Path, step: int, model: torch.nn.Module, opt, sched, ema: float) -> None:
     from safetensors.torch import save_model
 
-    from distil.training import save_checkpoint
+    from distil.training.loop import save_checkpoint
 
     def write_model(tmp: Path):
         tmp.mkdir(parents=True)
@@ -154,7 +114,7 @@ def _restore(folder: Path, model: torch.nn.Module, opt, sched, *, resume: bool, 
     model/opt/sched, or (0, None) after clearing the folder when not resuming (or it was another run's)."""
     from safetensors.torch import load_model
 
-    from distil.training import latest_checkpoint
+    from distil.training.loop import latest_checkpoint
 
     stamp = folder / "fingerprint.txt"
     same_run = stamp.exists() and stamp.read_text() == fingerprint
@@ -174,21 +134,3 @@ def _restore(folder: Path, model: torch.nn.Module, opt, sched, *, resume: bool, 
 
 def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def read_rows(path: Path) -> list[tuple[dict, dict]]:
-    """(where, row) pairs of a JSONL / CSV / Parquet table; `where` is {"line": n} or {"row": n}."""
-    from distil import data
-    from distil.errors import DistilError
-
-    file = str(path)
-    data._check_readable(file)
-    suffix = path.suffix.lower()
-    readers = {".csv": data._read_csv, ".parquet": data._read_parquet}
-    reader = data._read_jsonl if suffix in data.JSONL_SUFFIXES else readers.get(suffix)
-    if reader is None:
-        raise DistilError(f"unsupported file type {suffix!r}: expected .jsonl, .csv or .parquet", file=file)
-    rows = list(reader(file))
-    if not rows:
-        raise DistilError("no rows", file=file)
-    return rows

@@ -21,10 +21,12 @@ from pathlib import Path
 
 import torch
 
-from distil import models
+from distil import files
+from distil.config.tasks import EmbeddingRecipe, EmbeddingStudent
+from distil.data.examples import read_table
 from distil.errors import DistilError
+from distil.models import sources
 from distil.tasks import common
-from distil.tasks.config import EmbeddingRecipe, EmbeddingStudent
 from distil.tasks.losses import embedding_cosine, embedding_mse, similarity_kl
 
 
@@ -32,7 +34,7 @@ def load_teacher(recipe: EmbeddingRecipe):
     """The teacher SentenceTransformer (CPU) and its identity (a fingerprint of its folder)."""
     from sentence_transformers import SentenceTransformer
 
-    source = models.resolve(recipe.teacher.model, field="teacher.model")
+    source = sources.resolve(recipe.teacher.model, field="teacher.model")
     directory = source.directory
     if not (directory / "modules.json").exists():
         raise DistilError(f"{directory} is not a sentence-transformers folder (no modules.json)", field="teacher.model")
@@ -45,7 +47,7 @@ def train_sentences(recipe: EmbeddingRecipe) -> list[str]:
     """Every non-empty value of data.text_fields in the train file, deduplicated, in file order."""
     path = recipe.resolve(recipe.data.train)
     seen: dict[str, None] = {}
-    for where, row in common.read_rows(path):
+    for where, row in read_table(path):
         for field in recipe.data.text_fields:
             value = row.get(field)
             if value is not None and not isinstance(value, str):
@@ -65,7 +67,7 @@ def eval_rows(recipe: EmbeddingRecipe) -> list[dict]:
     if not wanted:
         wanted = d.text_fields[:1]
     rows = []
-    for where, row in common.read_rows(path)[: d.max_eval]:
+    for where, row in read_table(path)[: d.max_eval]:
         for field in wanted:
             value = row.get(field)
             ok = isinstance(value, (int, float)) if field == d.score_field else isinstance(value, str) and value.strip()
@@ -85,7 +87,7 @@ def eval_sentences(recipe: EmbeddingRecipe, rows: list[dict]) -> list[str]:
 # ----------------------------------------------------------------------------- generate
 
 def _cache_path(recipe: EmbeddingRecipe, identity: str, train: list[str], held_out: list[str]) -> Path:
-    key = common.fingerprint("embeddings", identity, train, held_out, recipe.data.max_length)
+    key = files.fingerprint("embeddings", identity, train, held_out, recipe.data.max_length)
     return recipe.cache_dir / "embeddings" / f"{key[:32]}.safetensors"
 
 
@@ -230,7 +232,7 @@ def train(recipe: EmbeddingRecipe, resume: bool = False) -> dict:
     teacher.max_seq_length = recipe.data.max_length
     target = _cached(recipe, identity, sentences, held_out)["train"]
     cfg = recipe.train
-    key = common.fingerprint(recipe.student.model_dump(), cfg.model_dump(exclude={"checkpoint_every"}), identity,
+    key = files.fingerprint(recipe.student.model_dump(), cfg.model_dump(exclude={"checkpoint_every"}), identity,
                              sentences, recipe.data.max_length)
     folder = recipe.out_dir / "student"
     marker = folder / "distil_train.json"
@@ -256,7 +258,7 @@ def train(recipe: EmbeddingRecipe, resume: bool = False) -> dict:
         student.save(str(tmp))
         (tmp / "distil_train.json").write_text(json.dumps({"fingerprint": key, "summary": summary}, indent=2))
 
-    common.write_atomic(folder, write)
+    files.write_atomic(folder, write)
     return {"student": summary}
 
 
@@ -356,7 +358,7 @@ def evaluate(recipe: EmbeddingRecipe) -> dict:
               "models": results, "retention": retention,
               "settings": {**recipe.student.model_dump(), "epochs": recipe.train.epochs,
                            "threads": torch.get_num_threads()}}
-    common.write_json(recipe.out_dir / "report.json", report)
+    files.write_json(recipe.out_dir / "report.json", report)
     write_task_report(report, recipe.out_dir / "report.html")
     return report
 

@@ -7,7 +7,7 @@ Formats (a folder each, with `distil_export.json` saying format and model kind):
   onnx  model.onnx from `torch.onnx.export(dynamo=True)`, batch and sequence length dynamic:
         inputs `pixel_values` (images / features) or `input_ids` + `attention_mask` (text);
         output `logits` (classifiers) or `sentence_embedding` (pooled, projected, normalised);
-  int8  torch dynamic int8 quantization of every Linear layer (`distil.export`'s plain-tensor
+  int8  torch dynamic int8 quantization of every Linear layer (`distil.deploy.export`'s plain-tensor
         format: int8 weights, per-channel scales and zero points in model.int8.safetensors; no
         pickle). A sentence-transformers export keeps the module folders, so `SentenceTransformer`
         can build the skeleton: its encoder's model.safetensors holds only the tensors that are
@@ -27,9 +27,18 @@ from pathlib import Path
 
 import torch
 
-from distil.errors import DistilError
-from distil.export import (INT8_WEIGHTS, MARKER, Exported, _quantize_dynamic, copy_float_tensors,
-                           int8_linear_tensors, require, set_int8_linears, size_on_disk)
+from distil import files
+from distil.deploy.export import (
+    INT8_WEIGHTS,
+    MARKER,
+    Exported,
+    copy_float_tensors,
+    int8_linear_tensors,
+    quantize_dynamic,
+    set_int8_linears,
+    size_on_disk,
+)
+from distil.errors import DistilError, require
 
 TASK_FORMATS = ("hf", "onnx", "int8")
 PROBE_TEXTS = ["Tell me about the stars and the moon.", "What is the best way to learn a new language?"]
@@ -174,7 +183,7 @@ def _copy_side_files(source: Path, tmp: Path) -> None:
 def _write_int8(model, kind: str, source: Path, tmp: Path) -> None:
     from safetensors.torch import save_file
 
-    quantized = _quantize_dynamic(model)
+    quantized = quantize_dynamic(model)
     tensors, linear_names = int8_linear_tensors(quantized)
     floats = {name: t.detach().contiguous().clone() for name, t in model.state_dict().items()
               if name.rsplit(".", 1)[0] not in linear_names}
@@ -203,18 +212,17 @@ def export_task_model(folder: Path | str, fmt: str, out: Path | str) -> Exported
                           f"choose one of {', '.join(TASK_FORMATS)}", field="format")
     folder, out = Path(folder), Path(out)
     model, kind = load_source(folder)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if fmt == "hf":
-        shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns("distil_train.json"))
-    elif fmt == "onnx":
-        _write_onnx(model, kind, folder, tmp)
-    else:
-        _write_int8(model, kind, folder, tmp)
-    (tmp / MARKER).write_text(json.dumps({"format": fmt, "kind": kind, "source": str(folder)}, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+
+    def write(tmp: Path) -> None:
+        if fmt == "hf":
+            shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns("distil_train.json"))
+        elif fmt == "onnx":
+            _write_onnx(model, kind, folder, tmp)
+        else:
+            _write_int8(model, kind, folder, tmp)
+        (tmp / MARKER).write_text(json.dumps({"format": fmt, "kind": kind, "source": str(folder)}, indent=2))
+
+    files.write_atomic(out, write)
     return Exported(fmt, out, None, folder_size(out))
 
 
@@ -313,7 +321,7 @@ def load_int8_task(folder: Path | str):
     else:
         from transformers import AutoConfig
         skeleton = _auto_class(kind).from_config(AutoConfig.from_pretrained(folder))
-    model = _quantize_dynamic(skeleton.eval())
+    model = quantize_dynamic(skeleton.eval())
     tensors = load_file(str(weights))
     set_int8_linears(model, tensors, weights)
     copy_float_tensors(model, tensors, weights)
@@ -371,7 +379,6 @@ def score_exports(folder: Path, artifacts: list[Exported], score, note: str) -> 
 
 def add_to_report(out_dir: Path, exports: dict) -> None:
     """Store the export rows in <out>/report.json (key "exports") and re-render the task's report.html."""
-    from distil.tasks import common
     from distil.tasks.report import write_task_report
 
     path = Path(out_dir) / "report.json"
@@ -379,5 +386,5 @@ def add_to_report(out_dir: Path, exports: dict) -> None:
     if "models" not in report:
         raise DistilError("no report to add the exports to; run `distil eval` first", file=str(path))
     report["exports"] = exports
-    common.write_json(path, report)
+    files.write_json(path, report)
     write_task_report(report, Path(out_dir) / "report.html")

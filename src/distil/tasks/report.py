@@ -1,7 +1,7 @@
 """The report card of a classification or embedding run: one self-contained HTML page.
 
 A metrics table (one column per model) and, for classification, a confusion matrix per model,
-drawn with the helpers of `distil.report` so the page looks like the causal-LM report.
+drawn with the helpers of `distil.evaluation.report` so the page looks like the causal-LM report.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from distil.report import _CSS, _e, _png_img, _table, _write_atomic
+from distil.evaluation.report import _CSS, _e, _png_img, _table
+from distil.files import write_text
 
 # metric -> (label, format)
 _FORMATS = {"accuracy": "pct", "macro_f1": "pct", "teacher_agreement": "pct", "ece": "f4", "params": "int",
@@ -98,5 +99,5 @@ def write_task_report(report: dict, path: Path) -> Path:
         out += ["<h2>Settings</h2>", _table(None, [[_e(k), _e(v)] for k, v in report["settings"].items()], [0])]
     out.append("</body></html>")
     path = Path(path)
-    _write_atomic(path, "\n".join(out))
+    write_text(path, "\n".join(out))
     return path

@@ -1,0 +1,1 @@
+"""Export formats, their runtimes, scoring artifacts, LoRA adaptation, speculative decoding."""

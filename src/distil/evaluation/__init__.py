@@ -1,0 +1,1 @@
+"""The evaluate stage: metrics, scoring, speed, and the report card."""

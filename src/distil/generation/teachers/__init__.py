@@ -1,0 +1,1 @@
+"""Teacher backends: a local model, an OpenAI-compatible endpoint, several teachers."""

@@ -1,0 +1,51 @@
+"""A local Hugging Face causal LM as a teacher: prompts answered in batches of similar length."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from distil.generation.decoding import Generation, encode_prompt, generate_batch, seeded_generator, stop_token_ids
+
+
+class LocalTeacher:
+    """A local causal LM plus its tokenizer, answering prompt texts in batches.
+
+    Args:
+        model: a causal LM in eval mode.
+        tokenizer: its tokenizer (a pad token set).
+        identity: a content fingerprint of the model (see `distil.models.sources.resolve`).
+        name: a short name for reports.
+    """
+
+    def __init__(self, model, tokenizer, identity: str, name: str):
+        self.model, self.tokenizer, self.identity, self.name = model, tokenizer, identity, name
+        self.stop_ids = stop_token_ids(tokenizer, model)
+
+    def encode(self, prompt_text: str, max_tokens: int | None = None) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt_text, max_tokens)
+
+    def generate(self, prompt_texts: list[str], settings, *, max_prompt_tokens: int | None = None
+                 ) -> Iterator[tuple[list[int], list[Generation]]]:
+        """Generate for all prompts in batches of similar length (sorted), so little is padding.
+
+        Args:
+            prompt_texts: formatted prompts (chat template applied).
+            settings: a `GenerateConfig` (max_new_tokens, do_sample, temperature, top_p, top_k, batch_size, seed).
+            max_prompt_tokens: longer prompts keep their last this-many tokens.
+        Yields:
+            (indices into prompt_texts, their Generations), one batch at a time.
+        """
+        encoded = [self.encode(t, max_prompt_tokens) for t in prompt_texts]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        generator = seeded_generator(self.model, settings.seed) if settings.do_sample else None
+        for start in range(0, len(order), settings.batch_size):
+            idx = order[start:start + settings.batch_size]
+            gens = generate_batch(
+                self.model, [encoded[i] for i in idx], pad_id=self.tokenizer.pad_token_id, stop_ids=self.stop_ids,
+                max_new_tokens=settings.max_new_tokens, top_k=settings.top_k, do_sample=settings.do_sample,
+                temperature=settings.temperature, top_p=settings.top_p, generator=generator)
+            for g in gens:
+                g.text = self.tokenizer.decode(g.token_ids, skip_special_tokens=True).strip()
+            yield idx, gens
+
+

@@ -1,1 +1,0 @@
-"""Teachers: anything that answers prompts with text and per-token soft targets."""

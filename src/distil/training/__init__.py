@@ -1,0 +1,1 @@
+"""The train stage: losses (pure functions), the objective, the one training loop, on-policy work."""

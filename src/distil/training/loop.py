@@ -1,0 +1,259 @@
+"""The training loop: a student learns the teacher's cached soft targets.
+
+One plain loop (nanoGPT-style) run through Hugging Face Accelerate, so `accelerate launch`
+gives data parallelism unchanged and one CPU gives a plain loop. Losses are summed per token
+and divided by the number of target tokens in the whole global batch (all micro-batches,
+all processes), so gradient accumulation and data parallelism do not change the loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from distil.data.batches import Batch, collate
+from distil.errors import DistilError, is_disk_full
+from distil.files import write_atomic
+from distil.training.objective import DistillationObjective
+
+
+def lr_lambda(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate at `step`: linear warmup, then the schedule."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * shape
+
+
+def micro_batch_order(n_rows: int, micro_batch: int, seed: int, start: int, count: int) -> list[list[int]]:
+    """Row indices of micro-batches start..start+count, drawn epoch by epoch from a seeded shuffle.
+
+    A pure function of (seed, position), so a resumed run sees exactly the batches an
+    uninterrupted one would.
+    """
+    per_epoch = max(1, n_rows // micro_batch)
+    batches, cache = [], {}
+    for i in range(start, start + count):
+        epoch, j = divmod(i, per_epoch)
+        if epoch not in cache:
+            cache[epoch] = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        batches.append(cache[epoch][j * micro_batch:(j + 1) * micro_batch])
+    return batches
+
+
+def save_checkpoint(folder: Path, step: int, write_model, state: dict, keep: int = 2) -> None:
+    """Write `folder/step-NNNNNNN` atomically: `write_model(tmp)` saves the weights, `state` (optimizer,
+    scheduler, RNG, step...) goes to train_state.pt; only the newest `keep` checkpoints stay.
+
+    A failed write (disk full) leaves the earlier checkpoints intact and raises a DistilError.
+    """
+    final = folder / f"step-{step:07d}"
+
+    def write(tmp: Path) -> None:
+        write_model(tmp)
+        torch.save({"step": step, **state}, tmp / "train_state.pt")
+
+    try:
+        write_atomic(final, write)
+    except Exception as e:  # safetensors and torch.save report write failures as their own error types
+        reason = "disk full" if is_disk_full(e, folder) else str(e).splitlines()[0]
+        raise DistilError(f"cannot write checkpoint ({reason}); earlier checkpoints are intact, "
+                          "resume with --resume", file=str(final)) from e
+    for old in sorted(folder.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_checkpoint(folder: Path, step: int, objective: DistillationObjective, optimizer, scheduler,
+                     keep: int = 2) -> None:
+    save_checkpoint(folder, step, objective.student.save_pretrained,
+                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "projections": objective.projections.state_dict(),
+                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, keep)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    done = [p for p in sorted(folder.glob("step-*")) if (p / "train_state.pt").exists()]
+    return done[-1] if done else None
+
+
+def _micro_seed(seed: int, step: int, micro: int) -> int:
+    """A seed for one micro-batch's random choices, independent of process count and resumes."""
+    return (seed * 1_000_003 + step) * 1_009 + micro
+
+
+def train_student(student, rows: list[dict], cfg, *, pad_id: int, out_dir: Path, run_name: str,
+                  alpha: float | None = None, resume: bool = False, fingerprint: str = "", progress=None,
+                  teacher=None, stop_ids: set[int] = frozenset(), max_new_tokens: int = 64) -> dict:
+    """Train `student` in place on cache rows; checkpoints and metrics go under `out_dir`.
+
+    Args:
+        student: a causal LM (its weights are updated).
+        rows: teacher-cache rows (dicts with prompt_ids, token_ids, topk_* and tail_logprob).
+        cfg: the recipe's `train` section (its `mode` picks supervised / sequence / on_policy).
+        pad_id: padding token id.
+        out_dir: run folder; writes checkpoints/<run_name>/ and logs/<run_name>.jsonl.
+        run_name: "student" or "baseline".
+        alpha: overrides cfg.alpha (the cross-entropy-only baseline uses 1.0).
+        resume: continue from the latest checkpoint of this run, if it was written for the
+            same `fingerprint`; otherwise checkpoints of an earlier, different run are removed.
+        fingerprint: identifies the training setup (recipe + data); stored with checkpoints.
+        progress: a `distil.progress.progress_bar()` to report to, or None.
+        teacher: a local teacher model; needed by `mode: on_policy` and `cfg.hidden`.
+        stop_ids, max_new_tokens: how on-policy rollouts end.
+
+    Returns:
+        A summary: steps, final loss, tokens seen, seconds.
+    """
+    from accelerate import Accelerator
+
+    from distil.training.online import rollout, teacher_forward
+
+    if not rows:
+        raise DistilError("no teacher-cache rows to train on", field="data.train")
+    on_policy = cfg.mode == "on_policy"
+    alpha = 1.0 if cfg.mode == "sequence" else cfg.alpha if alpha is None else alpha
+    hidden = cfg.hidden
+    if (on_policy or hidden) and teacher is None:
+        raise DistilError("needs a local teacher model during training", field="train.hidden" if hidden else "train.mode")
+    # On a machine without an accelerator, `cpu=True` lets Accelerate pick up a torchrun /
+    # `accelerate launch` environment as multi-process CPU training (gloo).
+    accelerator = Accelerator(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    if cfg.freeze_embeddings:
+        student.get_input_embeddings().weight.requires_grad_(False)
+        student.get_output_embeddings().weight.requires_grad_(False)
+    if hidden:
+        _check_hidden_layers(hidden.layers, student, teacher)
+    if teacher is not None:
+        teacher.to(accelerator.device).eval().requires_grad_(False)
+    loss_params = {"jsd": {"beta": cfg.beta}, "skew_kl": {"alpha": cfg.skew_alpha},
+                   "skew_reverse_kl": {"alpha": cfg.skew_alpha}}
+    objective = DistillationObjective(
+        student, alpha=alpha, temperature=cfg.temperature, loss=cfg.loss, loss_params=loss_params,
+        hidden_pairs=hidden.layers if hidden else (), hidden_loss=hidden.loss if hidden else "mse",
+        hidden_weight=hidden.weight if hidden else 1.0, teacher_width=teacher.config.hidden_size if hidden else None,
+        cross_tokenizer=getattr(cfg, "cross_tokenizer", None), uld_weight=getattr(cfg, "uld_weight", 1.0))
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
+        s, warmup=cfg.warmup, total=cfg.steps, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio))
+    ckpt_dir = out_dir / "checkpoints" / run_name
+    log_path = out_dir / "logs" / f"{run_name}.jsonl"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    start_step = 0
+    stamp = ckpt_dir / "fingerprint.txt"
+    same_run = stamp.exists() and stamp.read_text() == fingerprint
+    # Processes share the folder: all read the stamp, then the main one alone clears and
+    # re-stamps it, then all read the checkpoint.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and not (resume and same_run):
+        shutil.rmtree(ckpt_dir)
+        ckpt_dir.mkdir(parents=True)
+        stamp.write_text(fingerprint)
+    accelerator.wait_for_everyone()
+    found = latest_checkpoint(ckpt_dir) if resume and same_run else None
+    if found is not None:
+        from safetensors.torch import load_model
+        load_model(student, found / "model.safetensors", strict=False)
+        state = torch.load(found / "train_state.pt", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        objective.projections.load_state_dict(state["projections"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        start_step = state["step"]
+        if accelerator.is_main_process:
+            truncate_log(log_path, start_step)
+    elif log_path.exists() and accelerator.is_main_process:
+        log_path.unlink()
+
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    objective.train()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro_per_step = cfg.grad_accum * world
+    top_k = len(rows[0]["topk_ids"][0]) if rows[0]["topk_ids"] else 1
+
+    def micro_batch(step: int, micro: int, idx: list[int]) -> Batch:
+        """One micro-batch: cached rows, or (on policy, with probability lambda) the student's rollouts."""
+        part = [rows[i] for i in idx]
+        seed = _micro_seed(cfg.seed, step, micro)
+        written = on_policy and torch.rand((), generator=torch.Generator().manual_seed(seed)).item() < cfg.lambda_
+        if written:  # sampling runs where the student is, so its generator lives there too
+            sampler = torch.Generator(device=accelerator.device).manual_seed(seed)
+            part = rollout(accelerator.unwrap_model(objective).student, part, pad_id=pad_id, stop_ids=stop_ids,
+                           max_new_tokens=max_new_tokens, generator=sampler)
+        batch = collate(part, pad_id).to(accelerator.device)
+        if written or hidden:
+            teacher_forward(teacher, batch, top_k=top_k if written else None,
+                            hidden_layers=tuple(t for _, t in hidden.layers) if hidden else ())
+        batch.on_policy = written
+        return batch
+
+    task = progress.add_task(f"train {run_name}", total=cfg.steps, completed=start_step, status="") if progress else None
+    t0, tokens_seen, last = time.time(), 0, {}
+    for step in range(start_step, cfg.steps):
+        order = micro_batch_order(len(rows), cfg.batch_size, cfg.seed, step * micro_per_step, micro_per_step)
+        batches = [micro_batch(step, i, order[i]) for i in range(rank, micro_per_step, world)]
+        local_tokens = torch.tensor(float(sum(b.targets.numel() for b in batches)), device=accelerator.device)
+        global_tokens = accelerator.reduce(local_tokens, reduction="sum").item()
+        sums = torch.zeros(4)
+        for i, batch in enumerate(batches):
+            sync = i == len(batches) - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(objective):
+                parts = objective(batch)
+                # DDP averages gradients over processes: scale so the result is sum / global tokens.
+                accelerator.backward(parts[0] * world / global_tokens)
+            sums += torch.stack([p.detach() for p in parts]).cpu()
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu() / global_tokens
+        tokens_seen += int(global_tokens)
+        last = {"step": step + 1, "loss": sums[0].item(), "ce": sums[1].item(), "kd": sums[2].item(),
+                **({"hidden": sums[3].item()} if hidden else {}),
+                **({"on_policy_share": sum(b.on_policy for b in batches) / len(batches)} if on_policy else {}),
+                "lr": scheduler.get_last_lr()[0], "tokens": int(global_tokens), "elapsed_s": round(time.time() - t0, 3)}
+        if accelerator.is_main_process:
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                _save_checkpoint(ckpt_dir, step + 1, accelerator.unwrap_model(objective), optimizer, scheduler)
+        if progress:
+            rate = (step + 1 - start_step) / (time.time() - t0)
+            progress.update(task, advance=1, status=f"{rate:.2f} step/s  loss {last['loss']:.3f}")
+    accelerator.wait_for_everyone()
+    return {"steps": cfg.steps, "resumed_from": start_step, "final": last, "tokens": tokens_seen,
+            "seconds": round(time.time() - t0, 2)}
+
+
+def _check_hidden_layers(pairs, student, teacher) -> None:
+    """Each pair names hidden_states both models have (0 = embeddings .. num_hidden_layers)."""
+    for i, (s, t) in enumerate(pairs):
+        for name, index, model in (("student", s, student), ("teacher", t, teacher)):
+            if not 0 <= index <= model.config.num_hidden_layers:
+                raise DistilError(f"{name} hidden_states index {index} is out of range 0..{model.config.num_hidden_layers}",
+                                  field=f"train.hidden.layers.{i}")
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop metrics past `step`, so a resumed run's log has each step once."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
