@@ -26,8 +26,9 @@ from distil.errors import DistilError
 from distil.generation.cache import TeacherCache
 from distil.generation.decoding import topk_with_tail
 from distil.generation.explain import final_answer, teacher_chat
+from distil.generation.stage import teacher_view
 from distil.generation.teachers.many import Teachers, mix_log_probs
-from distil.generation.view import TeacherPrompts, generation_settings, teacher_view
+from distil.generation.view import TeacherPrompts, generation_settings
 
 CATEGORIES = ["science", "food", "chat"]
 

@@ -17,8 +17,8 @@ from distil.data.splits import checked_answers, load_data
 from distil.errors import DistilError
 from distil.files import check_writable
 from distil.generation.decoding import stop_token_ids
-from distil.generation.fill import generate_rows
-from distil.generation.view import TeacherPrompts, cached_rows, check_student, is_cross_tokenizer, teacher_view
+from distil.generation.stage import fill_cache, teacher_view
+from distil.generation.view import cached_rows, check_student, is_cross_tokenizer
 from distil.models import students
 from distil.progress import progress_bar
 from distil.training.runs import is_trained, run_fingerprint, save_trained
@@ -32,21 +32,7 @@ def generate(recipe: Recipe) -> dict:
     if recipe.task != "causal_lm":
         return tasks.stage(recipe, "generate")
     train_ex, eval_ex = load_data(recipe)
-    if recipe.teachers is not None:
-        from distil.generation.teachers.many import generate_many
-
-        return generate_many(recipe, train_ex + eval_ex)
-    view = TeacherPrompts(recipe)
-    check_writable(recipe.cache_dir, "cache")
-    return generate_rows(recipe, view, train_ex + eval_ex)
-
-
-
-
-
-
-
-
+    return fill_cache(recipe, train_ex + eval_ex)
 
 
 def train(recipe: Recipe, resume: bool = False) -> dict:

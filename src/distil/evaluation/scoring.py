@@ -65,7 +65,7 @@ def evaluate_run(recipe, view, examples, rows: list[dict], teacher_rows: list[di
 
     Args:
         recipe: the validated recipe.
-        view: a `distil.pipeline.TeacherPrompts` (teacher source and tokenizer).
+        view: a `distil.generation.view.TeacherPrompts` (teacher source and tokenizer).
         examples: the held-out examples, aligned with `rows`.
         rows: their teacher-cache rows, as the student reads them (`view.student_rows`).
         teacher_rows: the same rows in the teacher's vocabulary, where it differs (cross-tokenizer).

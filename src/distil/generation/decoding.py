@@ -1,4 +1,4 @@
-"""A local Hugging Face causal LM as a teacher: batched generation that keeps soft targets.
+"""The one decoding primitive teachers, the server and speculate share: batched generation that keeps soft targets.
 
 The loop is ours rather than `model.generate` because it must keep, for every generated
 token, the top-k log-probs and the log of the remaining mass, and because on a CPU the

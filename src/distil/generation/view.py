@@ -105,16 +105,6 @@ def is_cross_tokenizer(view) -> bool:
     return view.student_tokenizer is not view.tokenizer
 
 
-def teacher_view(recipe: Recipe):
-    """The recipe's teacher(s): a `TeacherPrompts`, or for `teachers:` a `distil.generation.teachers.many.Teachers`
-    with the same methods (prompts are per teacher, keys per row)."""
-    if recipe.teachers is None:
-        return TeacherPrompts(recipe)
-    from distil.generation.teachers.many import Teachers
-
-    return Teachers(recipe)
-
-
 def _remote_source(recipe: Recipe) -> sources.ResolvedModel:
     """An endpoint teacher stands on a local model for its tokenizer (and weights, for student.from_teacher)."""
     t = recipe.teacher

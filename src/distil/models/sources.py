@@ -1,4 +1,4 @@
-"""Load teachers and students from any source, and build a student from a teacher.
+"""Load teachers and students from any source.
 
 A model source is one of:
   - a Hugging Face model directory (has config.json) or a hub id;

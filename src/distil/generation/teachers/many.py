@@ -23,11 +23,15 @@ import time
 
 import torch
 
+from distil.data.batches import collate
 from distil.data.examples import Example
+from distil.data.splits import load_data
 from distil.errors import DistilError
-from distil.files import sha256_text
+from distil.files import check_writable, sha256_text
 from distil.generation.cache import TeacherCache, row_key
 from distil.generation.decoding import target_log_probs, topk_with_tail
+from distil.generation.teachers.one import generate_rows
+from distil.generation.view import TeacherPrompts
 from distil.progress import progress_bar
 
 SCORE_ROWS = 16  # rows scored per forward pass: bounds the (tokens x vocabulary) log-prob tensors
@@ -51,7 +55,7 @@ def mix_log_probs(log_probs: list[torch.Tensor], weights: list[float]) -> torch.
 
 
 class Teachers:
-    """The teachers of a `teachers:` recipe, with the methods of `pipeline.TeacherPrompts`.
+    """The teachers of a `teachers:` recipe, with the methods of `distil.generation.view.TeacherPrompts`.
 
     `recipe`, `source`, `tokenizer`, `student_tokenizer` and `load_model` are the first teacher's: it builds the student
     (student.from_teacher), teaches online (train.mode: on_policy, train.hidden) and stands for
@@ -59,8 +63,6 @@ class Teachers:
     """
 
     def __init__(self, recipe):
-        from distil.generation.view import TeacherPrompts
-
         self.full, self.mode = recipe, recipe.teachers_mode
         self.members, self.views = [], []
         for i, member in enumerate(recipe.teachers):
@@ -156,8 +158,6 @@ class Teachers:
     def report(self, eval_ex: list[Example], eval_rows: list[dict], student_scores: list[dict]) -> dict:
         """Per teacher: rows it wrote (train, held-out) and the student's top-1 agreement on its held-out rows;
         plus the teacher each held-out cache row records."""
-        from distil.data.splits import load_data
-
         train_ex, _ = load_data(self.full)
         train_routes, eval_routes = collections.Counter(self.route(train_ex)), self.route(eval_ex)
         held = collections.Counter(eval_routes)
@@ -201,9 +201,6 @@ def _matches(value: str | None, want: str | list[str]) -> bool:
 def generate_many(recipe, examples: list[Example]) -> dict:
     """The generate stage for `teachers:`: each teacher answers its share (route), or the first teacher
     writes and all score (ensemble). Returns the single-teacher summary per teacher, and totals."""
-    from distil.files import check_writable
-    from distil.generation.fill import generate_rows
-
     teachers = Teachers(recipe)
     check_writable(recipe.cache_dir, "cache")
     routes = teachers.route(examples)
@@ -227,8 +224,6 @@ def generate_many(recipe, examples: list[Example]) -> dict:
 
 def _score_ensemble(recipe, teachers: Teachers, examples: list[Example]) -> dict:
     """Every member scores the first teacher's cached text; the averaged distributions become cache rows."""
-    from distil.data.batches import collate
-
     cache = TeacherCache(recipe.cache_dir)
     keys = teachers.keys(examples)
     writer_keys = teachers.views[0].keys(examples)

@@ -1,4 +1,4 @@
-"""Filling the teacher cache: ask one teacher about the prompts not yet cached, write shards as they finish."""
+"""One teacher fills the cache: it answers the prompts not yet cached, and shards are written as they finish."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import time
 from distil.config.recipe import Recipe
 from distil.data.examples import Example
 from distil.generation.cache import TeacherCache
+from distil.generation.teachers.local import LocalTeacher
+from distil.generation.teachers.openai import generate_remote
 from distil.generation.view import TeacherPrompts
 from distil.progress import progress_bar
 
 
 def generate_rows(recipe: Recipe, view: TeacherPrompts, examples: list[Example]) -> dict:
     """Ask `view`'s teacher about those of `examples` not yet cached (the body of `generate`, for one teacher)."""
-    from distil.generation.teachers.local import LocalTeacher
-
     prompts = view.prompts(examples)
     keys = view.keys(examples)
     cache = TeacherCache(recipe.cache_dir)
@@ -26,8 +26,6 @@ def generate_rows(recipe: Recipe, view: TeacherPrompts, examples: list[Example])
     if not todo:
         return summary
     if recipe.teacher.type == "openai":
-        from distil.generation.teachers.openai import generate_remote
-
         messages = dict(zip(keys, (ex.messages for ex in examples)))
         return generate_remote(recipe, view, [(k, p, messages[k]) for k, p in todo.items()], cache, summary)
     teacher = LocalTeacher(view.load_model(), view.tokenizer, view.source.identity, view.source.name)
