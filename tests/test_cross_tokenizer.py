@@ -221,6 +221,7 @@ def cross_recipe(tmp_path, toks, distil_home):
     return path
 
 
+@pytest.mark.slow
 def test_cross_tokenizer_run_end_to_end(cross_recipe, tmp_path):
     proc = run_cli("run", str(cross_recipe), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -52,6 +52,7 @@ def _run(cmd: list[str], cwd) -> None:
     assert proc.returncode == 0, proc.stderr[-8000:]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process(load, tmp_path, tiny_model_dir):
     recipe = load()
     pipeline.generate(recipe)

@@ -17,6 +17,7 @@ from distil.models import sources, students
 MODELS = ("teacher", "student", "baseline")
 
 
+@pytest.mark.slow
 def test_distil_run_writes_the_report(recipe_path, tmp_path, distil_home):
     proc = run_cli("run", str(recipe_path), env_extra={"DISTIL_HOME": str(distil_home)})
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -163,6 +163,7 @@ def test_gguf_refuses_a_tokenizer_llama_cpp_cannot_reproduce(tiny_model_dir, tmp
     assert not (tmp_path / "m.gguf").exists()
 
 
+@pytest.mark.slow
 def test_onnx_with_kv_cache_matches_transformers(tiny_model_dir, tmp_path):
     model, tokenizer = _source(tiny_model_dir)
     artifact = export_model(tiny_model_dir, "onnx", tmp_path / "onnx")

@@ -319,6 +319,7 @@ def test_final_answer(text, answer):
 # --- end to end --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_distil_run_with_a_local_and_an_endpoint_teacher(tmp_path, tiny_model_dir, categorized, distil_home):
     from endpoints import ServeProcess
 

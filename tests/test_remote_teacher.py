@@ -38,6 +38,7 @@ def all_rows(cache_dir) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_generate_against_distil_serve_matches_the_local_teacher(recipe_path, tiny_model_dir):
     server = ServeProcess(tiny_model_dir, "--api-key", "k3y")
     try:
@@ -80,6 +81,7 @@ def words(tiny_model_dir):
     return [w for w in PROMPT_WORDS if w in vocab]
 
 
+@pytest.mark.slow
 def test_faulty_endpoint_every_row_exactly_once(recipe_path, words, monkeypatch):
     monkeypatch.setattr("distil.generation.teachers.openai.BACKOFF_BASE_S", 0.02)  # the schedule, not the waiting, is tested
     app = faulty_endpoint(words, fault_every=12, hang_s=3.0)

@@ -433,6 +433,7 @@ def test_classification_export_formats_load_back_and_join_the_report(tmp_path):
     assert e.value.field == "format"
 
 
+@pytest.mark.slow
 def test_embedding_export_formats_load_back_and_join_the_report(tmp_path, tiny_sentence_transformer):
     from conftest import run_cli
     from sentence_transformers import SentenceTransformer

@@ -101,6 +101,7 @@ def _cache_state(cache: Path) -> dict:
     return rows
 
 
+@pytest.mark.slow
 def test_kill_during_generate_and_train_loses_nothing(kill_recipe, tmp_path, reliability_full):
     trials = 12 if reliability_full else 2
     rng = random.Random(20261126)

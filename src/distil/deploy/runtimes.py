@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from distil.errors import DistilError
+from distil.generation.decoding import left_pad
 
 
 class TorchRuntime:
@@ -135,12 +136,7 @@ def greedy(runtime, prompts: list[list[int]], *, max_new_tokens: int, stop_ids: 
     Position ids follow the attention mask, so a row's tokens do not depend on its neighbours'
     lengths. With `stop_early`, generation ends once every row has emitted a stop token.
     """
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, ids in enumerate(prompts):
-        input_ids[i, width - len(ids):] = torch.tensor(ids)
-        mask[i, width - len(ids):] = 1
+    input_ids, mask = left_pad(prompts, pad_id)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits, past = runtime.forward(input_ids, mask, positions, None)
     out: list[list[int]] = [[] for _ in prompts]

@@ -82,6 +82,17 @@ def _shared_prefix_len(prompt_ids: list[list[int]]) -> int:
 
 
 @torch.inference_mode()
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded on the left to one width, and their attention mask (1 on real tokens)."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, ids in enumerate(prompts):
+        input_ids[i, width - len(ids):] = torch.tensor(ids)
+        mask[i, width - len(ids):] = 1
+    return input_ids, mask
+
+
 def generate_batch(model, prompt_ids: list[list[int]], *, pad_id: int, stop_ids: set[int],
                    max_new_tokens: int, top_k: int, do_sample: bool = False, temperature: float = 1.0,
                    top_p: float = 1.0, generator: torch.Generator | None = None,
@@ -108,12 +119,7 @@ def generate_batch(model, prompt_ids: list[list[int]], *, pad_id: int, stop_ids:
     else:
         shared = 0
     suffixes = [p[shared:] for p in prompt_ids]
-    width = max(len(p) for p in suffixes)
-    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for i, ids in enumerate(suffixes):
-        input_ids[i, width - len(ids):] = torch.tensor(ids)
-        mask[i, width - len(ids):] = 1
+    input_ids, mask = left_pad(suffixes, pad_id)
     input_ids, mask = input_ids.to(device), mask.to(device)
     if prefix_mask is not None:
         mask = torch.cat([prefix_mask, mask], dim=-1)  # [shared prefix | left padding | own suffix]
