@@ -81,7 +81,6 @@ def _shared_prefix_len(prompt_ids: list[list[int]]) -> int:
     return max(n, 0)
 
 
-@torch.inference_mode()
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids padded on the left to one width, and their attention mask (1 on real tokens)."""
     width = max(len(p) for p in prompts)
@@ -93,6 +92,7 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return input_ids, mask
 
 
+@torch.inference_mode()
 def generate_batch(model, prompt_ids: list[list[int]], *, pad_id: int, stop_ids: set[int],
                    max_new_tokens: int, top_k: int, do_sample: bool = False, temperature: float = 1.0,
                    top_p: float = 1.0, generator: torch.Generator | None = None,
