@@ -191,11 +191,34 @@ def load(recipe_path):
     return _load
 
 
+@pytest.fixture
+def in_process_speed(monkeypatch):
+    """Time models in this process, 4 new tokens each, to keep the suite fast."""
+    import distil.evaluation.speed as speed
+
+    def measure_here(model_dir, prompts, max_new_tokens=32):
+        return speed.measure(model_dir, prompts, 4)
+
+    monkeypatch.setattr(speed, "measure_in_subprocess", measure_here)
+
+
 def run_cli(*args: str, env_extra: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m distil.cli ARGS` in a fresh process; returns the completed process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "distil.cli", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=str(REPO))
+
+
+def assert_valid_report(report: dict) -> None:
+    """`report` validates against the one report-card schema shipped in the package, and survives a
+    JSON round trip as report.json does."""
+    import jsonschema
+
+    from distil.evaluation.report import SCHEMA_PATH
+
+    schema = json.loads(SCHEMA_PATH.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.validate(json.loads(json.dumps(report, default=str)), schema)
 
 
 def die_after_checkpoint(monkeypatch, module, kill_at: int, train) -> None:

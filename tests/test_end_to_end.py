@@ -6,7 +6,7 @@ import json
 import time
 
 import pytest
-from conftest import run_cli
+from conftest import assert_valid_report, run_cli
 
 from distil import pipeline
 from distil.data.splits import load_data
@@ -26,14 +26,18 @@ def test_distil_run_writes_the_report(recipe_path, tmp_path, distil_home):
     assert str(out / "report.html") in proc.stdout
 
     report = json.loads((out / "report.json").read_text())
+    assert_valid_report(report)
+    assert report["task"] == "causal_lm"
+    models = report["models"]
     for name in MODELS:
-        block = report[name]
+        block = models[name]
         assert isinstance(block["params"], int) and block["params"] > 0, name
         assert block["size_bytes"] > 0, name
-        assert block["tokens_per_s"] > 0, name
-        assert block["latency_s"] > 0, name
-    assert report["teacher"]["params"] > report["student"]["params"] == report["baseline"]["params"]
-    assert report["compression"] == pytest.approx(report["teacher"]["params"] / report["student"]["params"])
+        assert block["speed"]["value"] > 0 and block["speed"]["unit"] == "tokens/s", name
+        assert block["latency_s"] > 0 and block["peak_memory_bytes"] > 0, name
+    assert models["teacher"]["params"] > models["student"]["params"] == models["baseline"]["params"]
+    assert report["compression"] == pytest.approx(models["teacher"]["params"] / models["student"]["params"])
+    assert report["speedup"] == pytest.approx(models["student"]["speed"]["value"] / models["teacher"]["speed"]["value"])
     assert report["compression"] > 1
     assert report["eval_rows"] == 8
 
@@ -58,6 +62,18 @@ def test_distil_run_writes_the_report(recipe_path, tmp_path, distil_home):
     assert html.lstrip().lower().startswith("<!doctype html") and "</html>" in html
     assert (out / "student" / "config.json").exists() and (out / "baseline" / "config.json").exists()
     assert len((out / "eval_answers.jsonl").read_text().splitlines()) == 8
+
+    # Gates for CI: a failed one exits 3 with one line naming it; the passing one says nothing.
+    gated = run_cli("eval", str(recipe_path), "--gate", "compression > 1", "--gate", "top1_agreement.retention >= 1.01",
+                    env_extra={"DISTIL_HOME": str(distil_home)})
+    assert gated.returncode == 3, gated.stderr[-4000:]
+    failed = [line for line in gated.stderr.splitlines() if line.startswith("gate failed:")]
+    assert len(failed) == 1 and failed[0].startswith("gate failed: top1_agreement.retention >= 1.01 (actual: ")
+    assert "Traceback" not in gated.stderr
+    gates = json.loads((out / "report.json").read_text())["gates"]
+    assert [g["passed"] for g in gates] == [True, False]
+    assert run_cli("eval", str(recipe_path), "--gate", "compression > 1",
+                   env_extra={"DISTIL_HOME": str(distil_home)}).returncode == 0
 
     # Running again does no work twice: nothing is generated and training is skipped.
     from distil.config.loading import load_recipe
@@ -115,16 +131,6 @@ def test_bad_prompts_file_checked_before_models_in_process(bad_prompts_recipe, p
 # --- evaluation in process (speed timed in process too, to keep the suite fast) ----------------------
 
 
-@pytest.fixture
-def in_process_speed(monkeypatch):
-    import distil.evaluation.speed as speed
-
-    def measure_here(model_dir, prompts, max_new_tokens=32):
-        return speed.measure(model_dir, prompts, 4)
-
-    monkeypatch.setattr(speed, "measure_in_subprocess", measure_here)
-
-
 def trained(load, *overrides):
     recipe = load(*overrides)
     pipeline.generate(recipe)
@@ -139,7 +145,8 @@ def test_evaluate_metrics_match_an_independent_computation(load, in_process_spee
 
     recipe = trained(load, "eval.baseline=false")
     report = pipeline.evaluate(recipe)
-    assert "baseline" not in report
+    assert_valid_report(report)
+    assert "baseline" not in report["models"]
     assert set(report["metrics"]["top1_agreement"]) >= {"teacher", "student"}
     assert (recipe.out_dir / "report.html").exists()
 

@@ -20,7 +20,8 @@ import torch
 from conftest import run_cli
 
 from distil.data.splits import load_data
-from distil.deploy.export import export_model, load_int8, size_on_disk
+from distil.deploy.export import export_model, load_int8
+from distil.models.sources import size_on_disk
 from distil.deploy.runtimes import OnnxRuntime, TorchRuntime, greedy
 from distil.errors import DistilError
 from distil.generation.view import TeacherPrompts, cached_rows
@@ -153,7 +154,7 @@ def test_gguf_exports_are_scored_and_timed_in_llama_cpp(bpe_model_dir, tmp_path)
     source = evaluate_runtime(TorchRuntime(model), tokenizer, **args)
     shipped = evaluate_runtime(runtime, tokenizer, **args)
     assert source["metrics"]["top1_agreement"] == 1.0 and shipped["metrics"]["top1_agreement"] >= 0.9
-    assert shipped["metrics"]["teacher_kl"] < 0.01 and shipped["tokens_per_s"] > 0
+    assert shipped["metrics"]["teacher_kl"] < 0.01 and shipped["speed"]["value"] > 0
     assert shipped["metrics"]["perplexity"] == pytest.approx(source["metrics"]["perplexity"], rel=0.02)
 
 
@@ -238,19 +239,25 @@ def test_cli_export_checks_the_artifact_against_the_source(tiny_model_dir, tmp_p
     assert bad.stderr.strip().splitlines()[-1].startswith('error: field "quant": unknown GGUF quantization')
 
 
-def test_recipe_export_section_adds_scored_rows_to_the_report(load, tmp_path):
+def test_recipe_export_section_adds_scored_rows_to_the_report(load, tmp_path, in_process_speed):
+    from conftest import assert_valid_report
+
     from distil import pipeline
 
     recipe = load("export.formats=[hf, int8]", "eval.baseline=false")
     pipeline.generate(recipe)
     pipeline.train(recipe)
+    with pytest.raises(DistilError, match="run `distil eval` first"):
+        pipeline.export(recipe)
+    pipeline.evaluate(recipe)
     exports = pipeline.export(recipe)
 
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["exports"] == json.loads(json.dumps(exports))
+    assert_valid_report(report)
     reference = exports["reference"]
     metrics = {"token_f1", "top1_agreement", "teacher_kl", "perplexity", "perplexity_reference"}
-    assert set(reference["metrics"]) == metrics and reference["tokens_per_s"] > 0
+    assert set(reference["metrics"]) == metrics and reference["speed"]["value"] > 0
     # The fp32 reference goes through the same runtime code as the exports, and agrees with `distil eval`'s scorer.
     from distil.evaluation.metrics import score_on_teacher_text, summarize
     from distil.models.sources import load_causal_lm
@@ -267,7 +274,7 @@ def test_recipe_export_section_adds_scored_rows_to_the_report(load, tmp_path):
     for name in metrics:  # the hf export is the same model: no change at all
         assert hf["change"][name] == pytest.approx(0.0, abs=1e-6)
         assert int8["change"][name] == pytest.approx(int8["metrics"][name] - reference["metrics"][name])
-    assert int8["size_bytes"] < hf["size_bytes"] and int8["tokens_per_s"] > 0
+    assert int8["size_bytes"] < hf["size_bytes"] and int8["speed"]["value"] > 0
     assert (tmp_path / "out" / "exports" / "student-int8" / "model.int8.safetensors").exists()
     assert "<h2>Exports</h2>" in (tmp_path / "out" / "report.html").read_text()
 

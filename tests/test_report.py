@@ -15,8 +15,8 @@ IMG_RE = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 
 def _model(name, params, size, tps, lat, mem):
-    return {"name": name, "params": params, "size_bytes": size, "tokens_per_s": tps,
-            "latency_s": lat, "peak_memory_bytes": mem}
+    return {"name": name, "path": f"runs/{name}", "params": params, "size_bytes": size,
+            "speed": {"value": tps, "unit": "tokens/s"}, "latency_s": lat, "peak_memory_bytes": mem}
 
 
 @pytest.fixture
@@ -27,10 +27,11 @@ def report():
         "machine": "2 CPU cores, torch 2.13.0",
         "headline": "student keeps 83% of the teacher's quality (mean retention) "
                     "at 4.1x fewer parameters and 5.2x the speed",
-        "teacher": _model("SmolLM2-135M-Instruct", 134515008, 538090000, 20.1, 1.9, 900000000),
-        "student": _model("student", 32700000, 130800000, 104.5, 0.37, 300000000),
-        "baseline": _model("baseline (cross-entropy only)", 32700000, 130800000, 104.0, 0.38,
-                           300000000),
+        "task": "causal_lm",
+        "models": {"teacher": _model("SmolLM2-135M-Instruct", 134515008, 538090000, 20.1, 1.9, 900000000),
+                   "student": _model("student", 32700000, 130800000, 104.5, 0.37, 300000000),
+                   "baseline": _model("baseline (cross-entropy only)", 32700000, 130800000, 104.0, 0.38,
+                                      300000000)},
         "compression": 4.11,
         "speedup": 5.2,
         "metrics": {
@@ -104,7 +105,7 @@ def test_full_report(tmp_path, report, train_logs):
 
 
 def test_missing_optional_parts(tmp_path, report):
-    del report["baseline"]
+    del report["models"]["baseline"]
     for m in report["metrics"].values():
         del m["baseline"]
     del report["per_category"], report["cache"], report["timings_s"]
@@ -135,7 +136,7 @@ def test_minimal_and_odd_inputs(tmp_path):
 
 
 def test_html_escaping(tmp_path, report, train_logs):
-    report["teacher"]["name"] = '<script>alert("x")</script> & $x$'
+    report["models"]["teacher"]["name"] = '<script>alert("x")</script> & $x$'
     report["metrics"]["<b>f1</b>"] = report["metrics"].pop("token_f1")
     report["metrics"]["<b>f1</b>"]["description"] = "a < b & c > d"
     report["per_category"] = {"<cat>": {"n": 3, "retention": {"<b>f1</b>": 0.5}}}

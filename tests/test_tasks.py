@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import die_after_checkpoint
+from conftest import assert_valid_report, die_after_checkpoint
 
 from distil.config.loading import load_recipe
 from distil.config.recipe import Recipe
@@ -153,14 +153,22 @@ def test_classification_end_to_end_save_and_reload(tmp_path):
     assert set(trained) == {"student", "baseline"} and trained["baseline"]["alpha"] == 1.0
     assert pipeline.train(recipe)["student"]["skipped"]
     report = pipeline.evaluate(recipe)
+    assert_valid_report(report)
+    metrics = report["metrics"]
     for role in ("teacher", "student", "baseline"):
-        m = report["models"][role]
-        assert 0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1 and 0 <= m["ece"] <= 1
-    assert report["models"]["teacher"]["accuracy"] > 0.6  # the teacher really learned the three shapes
-    assert "teacher_agreement" in report["models"]["student"]
+        assert 0 <= metrics["accuracy"][role] <= 1 and 0 <= metrics["macro_f1"][role] <= 1
+        assert 0 <= metrics["ece"][role] <= 1
+        assert report["models"][role]["speed"]["unit"] == "examples/s" and report["models"][role]["size_bytes"] > 0
+    assert metrics["accuracy"]["teacher"] > 0.6  # the teacher really learned the three shapes
+    assert metrics["accuracy"]["retention"] == pytest.approx(metrics["accuracy"]["student"] / metrics["accuracy"]["teacher"])
+    gap = metrics["accuracy"]["student_minus_baseline"]  # paired bootstrap over held-out examples
+    assert gap["value"] == pytest.approx(metrics["accuracy"]["student"] - metrics["accuracy"]["baseline"])
+    assert gap["ci95"][0] <= gap["value"] <= gap["ci95"][1]
+    assert metrics["teacher_agreement"]["teacher"] == 1.0 and report["compression"] > 1
     assert np.array(report["confusion"]["student"]).sum() == 90
     html = (tmp_path / "out/report.html").read_text()
-    assert "Confusion matrices" in html and html.count("data:image/png;base64") == 3
+    # one confusion matrix per model and one bar chart per metric, as on every report card
+    assert "Confusion matrices" in html and html.count("data:image/png;base64") == 3 + len(metrics)
     assert json.loads((tmp_path / "out/report.json").read_text())["task"] == "classification"
 
     # a saved student reloads (safetensors, no pickle) and gives the same logits
@@ -170,7 +178,7 @@ def test_classification_end_to_end_save_and_reload(tmp_path):
     again, _ = predict(load_model(tmp_path / "out/student"), held_out, 64)
     assert torch.equal(first, again)
     acc = float((first.argmax(-1) == held_out.y).float().mean())
-    assert acc == pytest.approx(report["models"]["student"]["accuracy"])
+    assert acc == pytest.approx(report["metrics"]["accuracy"]["student"])
 
 
 def test_classification_with_hugging_face_image_classifiers(tmp_path):
@@ -199,7 +207,7 @@ def test_classification_with_hugging_face_image_classifiers(tmp_path):
     assert (tmp_path / "out/student/config.json").exists()  # a plain Hugging Face folder
     held_out = load_split(recipe, "eval")
     logits, _ = predict(load_model(tmp_path / "out/student"), held_out, 16)
-    assert float((logits.argmax(-1) == held_out.y).float().mean()) == pytest.approx(report["models"]["student"]["accuracy"])
+    assert float((logits.argmax(-1) == held_out.y).float().mean()) == pytest.approx(report["metrics"]["accuracy"]["student"])
     # exports of an AutoModelForImageClassification student load back in onnxruntime / torch int8
     exports = pipeline.export(recipe.model_copy(update={"export": recipe.export.model_copy(
         update={"formats": ["hf", "onnx", "int8"]})}))
@@ -283,9 +291,12 @@ def test_embedding_end_to_end_save_and_reload(tmp_path, tiny_sentence_transforme
     log = pipeline.train(recipe)["student"]
     assert log["steps"] == 16 and np.isfinite(log["final_loss"])
     report = pipeline.evaluate(recipe)
-    s, t = report["models"]["student"], report["models"]["teacher"]
-    assert s["params"] < t["params"]
-    for key in ("recall@1", "recall@5", "mrr", "knn_accuracy", "sentences_per_s"):
+    assert_valid_report(report)
+    assert report["models"]["student"]["params"] < report["models"]["teacher"]["params"]
+    assert report["models"]["student"]["speed"]["unit"] == "sentences/s"
+    s = {name: m["student"] for name, m in report["metrics"].items()}
+    t = {name: m["teacher"] for name, m in report["metrics"].items()}
+    for key in ("recall@1", "recall@5", "mrr", "knn_accuracy"):
         assert key in s and key in t
     assert -1 <= s["spearman_teacher"] <= 1 and report["pairs"] == 60
     assert t["recall@1"] <= t["recall@5"] <= 1
@@ -419,7 +430,8 @@ def test_classification_export_formats_load_back_and_join_the_report(tmp_path):
     result = pipeline.run(load_recipe(_write(tmp_path / "r.yaml", data)))
     exports = result["exports"]
     report = json.loads((tmp_path / "out/report.json").read_text())
-    assert report["exports"]["reference"]["metrics"]["accuracy"] == pytest.approx(report["models"]["student"]["accuracy"])
+    assert_valid_report(report)
+    assert report["exports"]["reference"]["metrics"]["accuracy"] == pytest.approx(report["metrics"]["accuracy"]["student"])
     hf = exports["rows"][0]["metrics"]
     assert hf["student_agreement"] == 1.0 and hf["max_abs_logit_diff"] == 0.0
     assert exports["rows"][1]["metrics"]["student_agreement"] == 1.0  # onnx
@@ -454,7 +466,8 @@ def test_embedding_export_formats_load_back_and_join_the_report(tmp_path, tiny_s
     exports = pipeline.run(recipe)["exports"]
     student = tmp_path / "out/student"
     report = json.loads((tmp_path / "out/report.json").read_text())
-    assert report["exports"]["reference"]["metrics"]["recall@1"] == pytest.approx(report["models"]["student"]["recall@1"])
+    assert_valid_report(report)
+    assert report["exports"]["reference"]["metrics"]["recall@1"] == pytest.approx(report["metrics"]["recall@1"]["student"])
     onnx, int8 = exports["rows"][1]["metrics"], exports["rows"][2]["metrics"]
     assert onnx["cosine_to_student"] > 0.99999 and int8["cosine_to_student"] > 0.9
     probe = _sentences(6, 9)
@@ -513,8 +526,11 @@ def test_text_classification_with_sequence_classifiers_end_to_end(tmp_path):
     assert pipeline.generate(recipe)["generated"] == 240
     assert pipeline.train(recipe)["student"]["steps"] == 36
     report = pipeline.evaluate(recipe)
-    t, s = report["models"]["teacher"], report["models"]["student"]
-    assert t["accuracy"] > 0.7 and s["params"] < t["params"]  # the teacher learned the topics (majority class: 46%)
+    assert_valid_report(report)
+    t = {name: m["teacher"] for name, m in report["metrics"].items()}
+    s = {name: m["student"] for name, m in report["metrics"].items()}
+    assert t["accuracy"] > 0.7  # the teacher learned the topics (majority class: 46%)
+    assert report["models"]["student"]["params"] < report["models"]["teacher"]["params"]
     assert report["classes"] == ["animal", "colour", "other"] and "teacher_agreement" in s
     exports = pipeline.export(recipe)
 

@@ -66,20 +66,46 @@ def train(args: Optional[list[str]] = typer.Argument(None, help=RECIPE_HELP),
     _print(run_train(_recipe(args), resume=resume))
 
 
+GATE_HELP = ("A check on the report card, added to the recipe's eval.gates, e.g. 'top1_agreement.retention >= 0.35' "
+             "or 'teacher_kl.student_minus_baseline < 0'; repeat for several. A failed gate exits 3.")
+
+
+def _gated(recipe, extra: Optional[list[str]]):
+    """The recipe with the command line's gates added to eval.gates, every gate checked for its form first."""
+    from distil.evaluation.gates import parse_all
+
+    exprs = list(recipe.eval.gates) + list(extra or [])
+    parse_all(exprs)
+    return recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"gates": exprs})})
+
+
+def _exit_on_failed_gates(report: dict) -> None:
+    from distil.evaluation.gates import failed
+
+    lines = failed(report)
+    for line in lines:
+        typer.echo(f"gate failed: {line}", err=True)
+    if lines:
+        sys.exit(3)
+
+
 @app.command("eval")
-def evaluate(args: Optional[list[str]] = typer.Argument(None, help=RECIPE_HELP)):
+def evaluate(args: Optional[list[str]] = typer.Argument(None, help=RECIPE_HELP),
+             gate: Optional[list[str]] = typer.Option(None, "--gate", help=GATE_HELP)):
     """Score teacher, student and baseline on the held-out split; write <out>/report.json and report.html.
 
-    Example: distil eval recipes/quickstart.yaml
+    Example: distil eval recipes/quickstart.yaml --gate 'top1_agreement.retention >= 0.35'
     """
     from distil.pipeline import evaluate as run_evaluate
 
-    report = run_evaluate(_recipe(args))
+    report = run_evaluate(_gated(_recipe(args), gate))
     typer.echo(report["headline"])
+    _exit_on_failed_gates(report)
 
 
 @app.command()
-def run(args: Optional[list[str]] = typer.Argument(None, help=RECIPE_HELP)):
+def run(args: Optional[list[str]] = typer.Argument(None, help=RECIPE_HELP),
+        gate: Optional[list[str]] = typer.Option(None, "--gate", help=GATE_HELP)):
     """Run generate, train and eval in order, skipping finished work (cached rows, trained models, checkpoints).
 
     Example: distil run            (the built-in quickstart)
@@ -87,9 +113,10 @@ def run(args: Optional[list[str]] = typer.Argument(None, help=RECIPE_HELP)):
     """
     from distil.pipeline import run as run_all
 
-    recipe = _recipe(args)
+    recipe = _gated(_recipe(args), gate)
     result = run_all(recipe)
     typer.echo(f"{result['report']['headline']}\nReport: {recipe.out_dir / 'report.html'}")
+    _exit_on_failed_gates(result["report"])
 
 
 @app.command()

@@ -15,6 +15,7 @@ from distil import tasks
 from distil.config.recipe import Recipe
 from distil.data.splits import checked_answers, load_data
 from distil.errors import DistilError
+from distil.evaluation import gates
 from distil.files import check_writable
 from distil.generation.decoding import stop_token_ids
 from distil.generation.stage import fill_cache, teacher_view
@@ -96,6 +97,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
 
 def evaluate(recipe: Recipe) -> dict:
     """Score teacher, student and baseline on the held-out split; write report.json and report.html."""
+    gates.parse_all(recipe.eval.gates)
     if recipe.task != "causal_lm":
         return tasks.stage(recipe, "evaluate")
     from distil.evaluation.scoring import evaluate_run
@@ -144,6 +146,7 @@ def _as_list(value) -> list:
 def run(recipe: Recipe) -> dict:
     """generate -> train (resuming from checkpoints) -> evaluate -> export (if the recipe asks);
     finished work is skipped."""
+    gates.parse_all(recipe.eval.gates)  # a malformed gate fails now, not after the work
     if recipe.task == "causal_lm":  # fail on a bad pairing before the teacher's work, not after
         load_data(recipe)
         check_student(teacher_view(recipe))

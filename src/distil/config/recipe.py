@@ -207,7 +207,15 @@ class TrainConfig(Section):
     uld_weight: float = Field(1.0, gt=0, description="cross_tokenizer uld/both: weight of the ULD term")
 
 
-class EvalConfig(Section):
+class GatedEval(Section):
+    """The part of every task's `eval` section that CI reads: gates on the report card."""
+    gates: list[str] = Field(default_factory=list, description=(
+        "checks on report.json after `distil eval` / `distil run`, e.g. `top1_agreement.retention >= 0.35` or "
+        "`teacher_kl.student_minus_baseline < 0` (its whole 95% interval below 0); a failed gate exits 3 "
+        "(docs/report.md)"))
+
+
+class EvalConfig(GatedEval):
     baseline: bool = True
     max_new_tokens: int | None = Field(None, gt=0, description="answer length (default: generate.max_new_tokens, "
                                                                    "so the teacher's cached answers compare fairly)")

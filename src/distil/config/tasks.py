@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from distil.config.recipe import Recipe, Section
+from distil.config.recipe import GatedEval, Recipe, Section
 
 
 class TaskExport(Section):
@@ -76,7 +76,7 @@ class ClassificationTrain(FitConfig):
                                                            "for `--resume` (0: never); not part of the fingerprint")
 
 
-class ClassificationEval(Section):
+class ClassificationEval(GatedEval):
     baseline: bool = Field(True, description="also train the student on hard labels alone, for comparison")
     batch_size: int = Field(256, gt=0)
     calibration_bins: int = Field(15, gt=0)
@@ -133,7 +133,7 @@ class EmbeddingTrain(Section):
                                                            "for `--resume` (0: never); not part of the fingerprint")
 
 
-class EmbeddingEval(Section):
+class EmbeddingEval(GatedEval):
     batch_size: int = Field(64, gt=0)
     recall_at: list[int] = Field([1, 5, 10], min_length=1)
     knn: int = Field(5, gt=0)

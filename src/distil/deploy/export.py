@@ -25,6 +25,7 @@ import torch
 
 from distil.errors import DistilError, require
 from distil.files import write_atomic
+from distil.models.sources import size_on_disk
 
 FORMATS = ("hf", "gguf", "onnx", "int8")
 GGUF_QUANTS = ("f16", "q8_0")
@@ -42,14 +43,6 @@ class Exported:
     @property
     def label(self) -> str:
         return f"{self.format}-{self.quant}" if self.quant else self.format
-
-
-def size_on_disk(path: Path) -> int:
-    """Bytes of a file, or of the weight files in a folder (tokenizer and config not counted)."""
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".onnx", ".data", ".gguf"))
 
 
 def load_source(model_dir: Path | str):

@@ -18,7 +18,10 @@ import torch
 from distil.data.batches import collate
 from distil.data.quality import token_f1
 from distil.deploy.runtimes import TorchRuntime, greedy, open_runtime
+from distil.errors import DistilError
 from distil.evaluation.metrics import reference_rows, row_scores, summarize
+from distil.evaluation.report import write_report
+from distil.models.sources import size_on_disk
 
 HIGHER_IS_BETTER = {"token_f1": True, "top1_agreement": True, "teacher_kl": False, "perplexity": False,
                     "perplexity_reference": False}
@@ -49,7 +52,7 @@ def tokens_per_s(runtime, prompts: list[list[int]], *, max_new_tokens: int = 32,
 
 def evaluate_runtime(runtime, tokenizer, rows: list[dict], references: list[str | None], *, stop_ids: set[int],
                      max_new_tokens: int, speed_prompts: int, batch_size: int = 4, timed: bool = True) -> dict:
-    """The student's metrics for one runtime, plus tokens/s (None when `timed` is False)."""
+    """The student's metrics for one runtime, plus its speed in tokens/s (None when `timed` is False)."""
     pad_id = tokenizer.pad_token_id
     batch_size = min(batch_size, runtime.max_rows or batch_size)
     greedy_rows = runtime.max_rows or batch_size * 4
@@ -71,8 +74,9 @@ def evaluate_runtime(runtime, tokenizer, rows: list[dict], references: list[str 
         values["token_f1"] = f1 / len(with_ref)
     speed = None
     if timed:
-        speed = tokens_per_s(runtime, [r["prompt_ids"] for r in rows[:speed_prompts]], pad_id=pad_id)
-    return {"metrics": values, "tokens_per_s": speed}
+        speed = {"value": tokens_per_s(runtime, [r["prompt_ids"] for r in rows[:speed_prompts]], pad_id=pad_id),
+                 "unit": "tokens/s"}
+    return {"metrics": values, "speed": speed}
 
 
 def evaluate_artifacts(student_dir: Path, artifacts: list, tokenizer, rows: list[dict], references: list[str | None],
@@ -81,7 +85,6 @@ def evaluate_artifacts(student_dir: Path, artifacts: list, tokenizer, rows: list
 
     Returns {"reference": the fp32 student's row, "rows": one per artifact, "note": how it was measured}.
     """
-    from distil.deploy.export import size_on_disk
     from distil.models.sources import load_causal_lm
 
     kwargs = dict(stop_ids=stop_ids, max_new_tokens=max_new_tokens, speed_prompts=speed_prompts)
@@ -100,8 +103,8 @@ def evaluate_artifacts(student_dir: Path, artifacts: list, tokenizer, rows: list
                "size_bytes": artifact.size_bytes, **result}
         del runtime
         row["change"] = {m: row["metrics"][m] - reference["metrics"][m] for m in row["metrics"] if m in reference["metrics"]}
-        if timed and reference["tokens_per_s"]:
-            row["speedup_vs_student"] = row["tokens_per_s"] / reference["tokens_per_s"]
+        if timed and reference["speed"]:
+            row["speedup_vs_student"] = row["speed"]["value"] / reference["speed"]["value"]
         out.append(row)
     note = (f"Measured in one process, one model at a time, on {torch.get_num_threads()} torch threads: metrics on "
             f"{len(rows)} held-out rows; tokens/s = batch-1 greedy, 32 new tokens, {speed_prompts} prompts. "
@@ -111,16 +114,13 @@ def evaluate_artifacts(student_dir: Path, artifacts: list, tokenizer, rows: list
 
 
 def add_to_report(out_dir: Path, exports: dict) -> None:
-    """Store the export rows in <out>/report.json (key "exports") and re-render report.html."""
-    from distil.evaluation.report import write_html_report
-    from distil.evaluation.scoring import read_train_logs
-    from distil.files import write_text
-
+    """Store the export rows in <out>/report.json (key "exports") and re-render report.html, for any task."""
     path = Path(out_dir) / "report.json"
-    report = json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        raise DistilError("no report to add the exports to; run `distil eval` first", file=str(path))
+    report = json.loads(path.read_text())
     report["exports"] = exports
-    write_text(path, json.dumps(report, indent=2))
-    write_html_report(report, Path(out_dir) / "report.html", train_logs=read_train_logs(Path(out_dir)))
+    write_report(report, Path(out_dir))
 
 
 PROBE = "Tell me about the stars and the moon."

@@ -67,9 +67,19 @@ def summarize(scores: list[dict]) -> dict:
             "perplexity": math.exp(sum(s["nll"] for s in scores) / n)}
 
 
-def paired_bootstrap(a: list[dict], b: list[dict], *, resamples: int = 2000, seed: int = 0) -> dict[str, list[float]]:
-    """95% intervals of summarize(a)[m] - summarize(b)[m] for each metric, resampling held-out rows
-    with replacement, the same rows for both models (they were scored on the same text).
+# Per-row fields of `row_scores` and the corpus metric each one gives (a transform of its per-token mean).
+LM_ROW_METRICS = {"top1_agreement": ("agree", None), "teacher_kl": ("kl", None), "perplexity": ("nll", np.exp)}
+
+
+def paired_bootstrap(a: list[dict], b: list[dict], metrics: dict | None = None, *, resamples: int = 2000,
+                     seed: int = 0) -> dict[str, list[float]]:
+    """95% intervals of metric(a) - metric(b) for each metric, resampling held-out rows with
+    replacement, the same rows for both models (they were scored on the same rows).
+
+    A row is a dict of per-row sums and its weight "n" (tokens for a causal LM, 1 for an example);
+    `metrics` maps a metric name to (row field, transform of sum(field) / sum(n) or None), by
+    default the causal-LM ones (`LM_ROW_METRICS`). For classification a row is
+    {"n": 1, "correct": 0/1, "agree": 0/1}, and {"accuracy": ("correct", None)} bootstraps accuracy.
 
     Tells whether a student-vs-baseline gap is larger than the choice of held-out rows explains.
     """
@@ -77,11 +87,42 @@ def paired_bootstrap(a: list[dict], b: list[dict], *, resamples: int = 2000, see
     idx = rng.integers(0, len(a), size=(resamples, len(a)))
     n = np.array([s["n"] for s in a], dtype=np.float64)[idx].sum(1)
     diffs = {}
-    for key, metric in (("agree", "top1_agreement"), ("kl", "teacher_kl"), ("nll", "perplexity")):
+    for metric, (key, transform) in (LM_ROW_METRICS if metrics is None else metrics).items():
         mean_a = np.array([s[key] for s in a], dtype=np.float64)[idx].sum(1) / n
         mean_b = np.array([s[key] for s in b], dtype=np.float64)[idx].sum(1) / n
-        diff = np.exp(mean_a) - np.exp(mean_b) if key == "nll" else mean_a - mean_b
+        diff = transform(mean_a) - transform(mean_b) if transform is not None else mean_a - mean_b
         diffs[metric] = [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))]
     return diffs
 
 
+RESAMPLED = "held-out rows, paired, 2000 times"
+
+
+def metrics_block(values: dict[str, dict[str, float]], specs: dict[str, tuple[bool, str]],
+                  intervals: dict[str, list[float]] | None = None) -> dict:
+    """`metrics` of a report card, the same shape for every task.
+
+    Args:
+        values: role ("teacher", "student", "baseline") -> metric name -> value.
+        specs: metric name -> (higher_is_better, description), in the order shown; a metric no
+            role has is left out.
+        intervals: metric name -> 95% paired-bootstrap interval of student - baseline.
+    Returns:
+        name -> {<role>: value, higher_is_better, description, retention, and with a baseline
+        student_minus_baseline: {value, ci95, resampled} (ci95 where per-row scores gave one)}.
+    """
+    metrics = {}
+    for name, (higher, description) in specs.items():
+        if not any(name in v for v in values.values()):
+            continue
+        entry = {role: v.get(name) for role, v in values.items()}
+        # a teacher's own "distance to itself" (KL 0) has no ratio to keep
+        kept = None if not higher and not entry.get("teacher") else retention(entry.get("teacher"), entry.get("student"), higher)
+        entry.update(higher_is_better=higher, description=description, retention=kept)
+        if entry.get("baseline") is not None and entry.get("student") is not None:
+            gap = {"value": entry["student"] - entry["baseline"]}
+            if intervals and name in intervals:
+                gap.update(ci95=intervals[name], resampled=RESAMPLED)
+            entry["student_minus_baseline"] = gap
+        metrics[name] = entry
+    return metrics

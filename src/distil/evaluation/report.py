@@ -27,9 +27,13 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from distil.files import write_text
+from distil.evaluation import gates
+from distil.files import write_json, write_text
 
-__all__ = ["write_html_report"]
+__all__ = ["SCHEMA_PATH", "read_train_logs", "write_html_report", "write_report"]
+
+# The JSON Schema every report.json follows, whatever the task (shipped inside the package).
+SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
 
 _ROLES = ("teacher", "student", "baseline")
 _ROLE_COLORS = {"teacher": "#4c72b0", "student": "#dd8452", "baseline": "#8c8c8c"}
@@ -308,21 +312,33 @@ def _table(header: list[str] | None, rows: list[list[str]], text_cols: Iterable[
     return f"<table>{head}<tbody>{body}</tbody></table>"
 
 
+def _models(report: Mapping[str, Any]) -> Mapping[str, Any]:
+    models = report.get("models")
+    return models if isinstance(models, Mapping) else {}
+
+
 def _present_roles(report: Mapping[str, Any]) -> list[str]:
     """Roles shown: those with a model entry or any metric value."""
     metrics = report.get("metrics") if isinstance(report.get("metrics"), Mapping) else {}
     roles = []
     for role in _ROLES:
-        if isinstance(report.get(role), Mapping) or any(
+        if isinstance(_models(report).get(role), Mapping) or any(
                 isinstance(m, Mapping) and m.get(role) is not None for m in metrics.values()):
             roles.append(role)
     return roles
 
 
+def _fmt_speed(speed: Any) -> str:
+    """'68.6 tokens/s' from {"value", "unit"}."""
+    if not isinstance(speed, Mapping) or _num(speed.get("value")) is None:
+        return _DASH
+    return f"{_fmt_fixed(speed['value'], 1)} {speed.get('unit', '')}".strip()
+
+
 def _models_section(report: Mapping[str, Any]) -> str:
     rows = []
     for role in _ROLES:
-        model = report.get(role)
+        model = _models(report).get(role)
         if not isinstance(model, Mapping):
             continue
         params = _num(model.get("params"))
@@ -332,14 +348,13 @@ def _models_section(report: Mapping[str, Any]) -> str:
             f'<span title="{_e(f"{params:,.0f}")}">{_e(_fmt_params(params))}</span>'
             if params is not None else _DASH,
             _e(_fmt_mb(model.get("size_bytes"))),
-            _e(_fmt_fixed(model.get("tokens_per_s"), 1)),
+            _e(_fmt_speed(model.get("speed"))),
             _e(_fmt_fixed(model.get("latency_s"), 2)),
             _e(_fmt_mb(model.get("peak_memory_bytes"))),
         ])
     if not rows:
         return ""
-    header = ["model", "name", "params", "size on disk (MB)", "tokens/s", "latency (s)",
-              "peak memory (MB)"]
+    header = ["model", "name", "params", "size on disk (MB)", "speed", "latency (s)", "peak memory (MB)"]
     return "<h2>Models</h2>" + _table(header, rows, text_cols=[1])
 
 
@@ -378,7 +393,7 @@ def _metrics_section(report: Mapping[str, Any], roles: list[str]) -> tuple[str, 
 
 
 def _exports_section(report: Mapping[str, Any]) -> str:
-    """Exported artifacts: size, tokens/s and each metric's change against the fp32 student."""
+    """Exported artifacts: size, speed and each metric's change against the fp32 student."""
     exports = report.get("exports")
     if not isinstance(exports, Mapping) or not isinstance(exports.get("rows"), list):
         return ""
@@ -388,15 +403,60 @@ def _exports_section(report: Mapping[str, Any]) -> str:
     for row in [ref] + [r for r in exports["rows"] if isinstance(r, Mapping)]:
         change = row.get("change") if isinstance(row.get("change"), Mapping) else {}
         cells = [_e(row.get("label", _DASH)), _e(row.get("runtime", _DASH)), _e(_fmt_mb(row.get("size_bytes"))),
-                 _e(_fmt_fixed(row.get("tokens_per_s"), 1))]
+                 _e(_fmt_speed(row.get("speed")))]
         for m in metric_names:
             value = _fmt_value((row.get("metrics") or {}).get(m))
             delta = _num(change.get(m))
             cells.append(_e(value if delta is None else f"{value} ({delta:+.3g})"))
         rows.append(cells)
-    header = ["artifact", "runtime", "size (MB)", "tokens/s"] + [f"{m} (change)" for m in metric_names]
+    header = ["artifact", "runtime", "size (MB)", "speed"] + [f"{m} (change)" for m in metric_names]
     note = f'<p class="meta">{_e(exports["note"])}</p>' if exports.get("note") else ""
     return "<h2>Exports</h2>" + _table(header, rows, text_cols=[0, 1]) + note
+
+
+def _confusion_plot(matrix: list[list[int]], classes: list[str], title: str) -> str:
+    fig = Figure(figsize=(5.2, 4.6))
+    ax = fig.add_subplot()
+    im = ax.imshow(matrix, cmap="Blues")
+    n = len(classes)
+    ax.set_xticks(range(n), [_mpl_text(c) for c in classes], rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(n), [_mpl_text(c) for c in classes], fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if n <= 12:
+        top = max(max(r) for r in matrix) or 1
+        for i, row in enumerate(matrix):
+            for j, v in enumerate(row):
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=6, color="white" if v > top / 2 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return _png_img(fig, f"confusion matrix: {title}")
+
+
+def _confusion_section(report: Mapping[str, Any]) -> str:
+    """Classification: one confusion matrix per model."""
+    confusion, classes = report.get("confusion"), report.get("classes")
+    if not isinstance(confusion, Mapping) or not confusion or not isinstance(classes, list):
+        return ""
+    imgs = [_confusion_plot(m, classes, str(role)) for role, m in confusion.items()]
+    return "<h2>Confusion matrices</h2>" + '<div class="plots">' + "".join(imgs) + "</div>"
+
+
+def _settings_section(report: Mapping[str, Any]) -> str:
+    settings = report.get("settings")
+    if not isinstance(settings, Mapping) or not settings:
+        return ""
+    return "<h2>Settings</h2>" + _table(None, [[_e(k), _e(v)] for k, v in settings.items()], [0, 1])
+
+
+def _gates_section(report: Mapping[str, Any]) -> str:
+    """The recipe's and the command line's gates, each passed or failed with the value it saw."""
+    results = [g for g in report.get("gates") or [] if isinstance(g, Mapping)]
+    if not results:
+        return ""
+    rows = [[_e(g.get("expr")), "passed" if g.get("passed") else "<b>failed</b>", _e(json.dumps(g.get("actual")))]
+            for g in results]
+    return "<h2>Gates</h2>" + _table(["gate", "result", "actual"], rows, text_cols=[0, 1, 2])
 
 
 def _category_table(per_category: Mapping[str, Any]) -> str:
@@ -532,6 +592,8 @@ def _render(report: Mapping[str, Any], train_logs: Mapping[str, Any] | None) -> 
     if metric_imgs:
         out.append('<div class="plots">' + "".join(metric_imgs) + "</div>")
 
+    out.append(_gates_section(report))
+    out.append(_confusion_section(report))
     out.append(_exports_section(report))
     per_category = report.get("per_category")
     if isinstance(per_category, Mapping) and per_category:
@@ -549,6 +611,7 @@ def _render(report: Mapping[str, Any], train_logs: Mapping[str, Any] | None) -> 
     out.append(_teachers_section(report))
     out.append(_data_section(report))
     out.append(_run_section(report))
+    out.append(_settings_section(report))
     out.append("<footer>generated by distil</footer></body></html>")
     return "\n".join(part for part in out if part)
 
@@ -582,3 +645,22 @@ def write_html_report(report: dict, out_path: str | os.PathLike, *,
     path = Path(out_path)
     write_text(path, _render(report, train_logs))
     return path
+
+
+def read_train_logs(out: Path) -> dict[str, list[dict]]:
+    """Run name -> its <out>/logs/<name>.jsonl records (the training loop's metrics log)."""
+    logs = {}
+    for path in sorted((Path(out) / "logs").glob("*.jsonl")):
+        logs[path.stem] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return logs
+
+
+def write_report(report: dict, out: Path, gate_exprs: Iterable[str] = ()) -> dict:
+    """Check `gate_exprs` against `report` (recorded under "gates"), then write <out>/report.json
+    and <out>/report.html, for any task. Returns the report."""
+    gate_exprs = list(gate_exprs)
+    if gate_exprs:
+        report["gates"] = gates.evaluate(report, gate_exprs)
+    write_json(Path(out) / "report.json", report)
+    write_html_report(report, Path(out) / "report.html", train_logs=read_train_logs(Path(out)))
+    return report

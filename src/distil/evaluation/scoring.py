@@ -23,8 +23,9 @@ import torch
 
 from distil.data.quality import token_f1
 from distil.errors import DistilError
-from distil.evaluation.metrics import paired_bootstrap, reference_rows, retention, score_on_teacher_text, summarize
-from distil.files import write_text
+from distil.evaluation.metrics import (metrics_block, paired_bootstrap, reference_rows, retention, score_on_teacher_text,
+                                      summarize)
+from distil.evaluation.report import write_report
 from distil.generation.cache import TeacherCache
 from distil.generation.decoding import generate_batch
 from distil.generation.explain import final_answer
@@ -49,17 +50,6 @@ def generate_answers(model, tokenizer, rows: list[dict], *, max_new_tokens: int,
 
 
 
-def weights_size(directory: Path) -> int:
-    return sum(f.stat().st_size for f in Path(directory).iterdir() if f.suffix in (".safetensors", ".bin"))
-
-
-def read_train_logs(out: Path) -> dict[str, list[dict]]:
-    logs = {}
-    for path in sorted((out / "logs").glob("*.jsonl")):
-        logs[path.stem] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return logs
-
-
 def evaluate_run(recipe, view, examples, rows: list[dict], teacher_rows: list[dict] | None = None) -> dict:
     """Score teacher, student and (if trained) baseline; write <out>/report.json and report.html.
 
@@ -70,10 +60,9 @@ def evaluate_run(recipe, view, examples, rows: list[dict], teacher_rows: list[di
         rows: their teacher-cache rows, as the student reads them (`view.student_rows`).
         teacher_rows: the same rows in the teacher's vocabulary, where it differs (cross-tokenizer).
     """
-    from distil.evaluation.report import write_html_report
     from distil.evaluation.speed import measure_in_subprocess
     from distil.generation.decoding import stop_token_ids
-    from distil.models.sources import count_params, load_causal_lm
+    from distil.models.sources import count_params, load_causal_lm, size_on_disk
     from distil.progress import progress_bar
 
     out = recipe.out_dir
@@ -100,7 +89,7 @@ def evaluate_run(recipe, view, examples, rows: list[dict], teacher_rows: list[di
                                                        batch_size=bs)}
         answers = {"teacher": [r["text"] for r in teacher_rows]}
         info = {"teacher": {"name": view.source.name, "params": count_params(teacher),
-                            "size_bytes": weights_size(view.source.directory), "path": str(view.source.directory)}}
+                            "size_bytes": size_on_disk(view.source.directory), "path": str(view.source.directory)}}
         del teacher
         for name in names:
             bar.update(task, advance=1, status=name)
@@ -112,7 +101,7 @@ def evaluate_run(recipe, view, examples, rows: list[dict], teacher_rows: list[di
             answers[name] = generate_answers(model, tokenizer, rows, max_new_tokens=new_tokens, batch_size=bs,
                                              stop_ids=stop_ids)
             info[name] = {"name": name if name == "student" else "baseline (cross-entropy only)",
-                          "params": count_params(model), "size_bytes": weights_size(out / name), "path": str(out / name)}
+                          "params": count_params(model), "size_bytes": size_on_disk(out / name), "path": str(out / name)}
             del model
 
         n_speed = recipe.eval.speed_prompts
@@ -134,34 +123,15 @@ def evaluate_run(recipe, view, examples, rows: list[dict], teacher_rows: list[di
             finals = [final_answer(a) for a, _ in pairs]
             values[name]["answer_found"] = sum(f is not None for f in finals) / len(finals)
             values[name]["answer_f1"] = sum(token_f1(f or "", r) for f, (_, r) in zip(finals, pairs)) / len(pairs)
-    higher = {"token_f1": True, "answer_f1": True, "answer_found": True, "top1_agreement": True, "teacher_kl": False, "perplexity": False, "perplexity_reference": False}
-    described = {"answer_f1": "token F1 of the final 'Answer:' line against the reference (0 where none)",
-                 "answer_found": "share of answers that end with a parsable 'Answer:' line",
-                 "token_f1": "token F1 of greedy answers against the reference",
-                 "top1_agreement": "share of held-out teacher tokens where the model's top-1 token is the teacher's",
-                 "teacher_kl": "KL(teacher || model) per token over top-k + tail buckets, on held-out teacher text",
-                 "perplexity": "perplexity of the teacher's held-out answers",
-                 "perplexity_reference": "perplexity of the held-out reference answers"}
-    metrics = {}
-    for metric in [m for m in higher if m in values["teacher"]]:
-        entry = {name: values[name][metric] for name in info}
-        entry.update(higher_is_better=higher[metric], description=described[metric],
-                     retention=None if metric == "teacher_kl" else retention(entry["teacher"], entry["student"], higher[metric]))
-        metrics[metric] = entry
-    if "baseline" in scores:  # is the student's gap to the baseline more than the held-out rows' luck?
-        for metric, interval in paired_bootstrap(scores["student"], scores["baseline"]).items():
-            metrics[metric]["student_minus_baseline"] = {
-                "value": metrics[metric]["student"] - metrics[metric]["baseline"], "ci95": interval,
-                "resampled": "held-out rows, paired, 2000 times"}
-
+    metrics = metrics_block(values, LM_METRICS, _baseline_intervals(scores, answers, references))
     per_category = _per_category(examples, rows, scores, answers, references)
     compression = info["teacher"]["params"] / info["student"]["params"]
-    speedup = info["student"]["tokens_per_s"] / info["teacher"]["tokens_per_s"]
+    speedup = info["student"]["speed"]["value"] / info["teacher"]["speed"]["value"]
     report = {
-        "recipe": recipe.source, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "task": "causal_lm", "recipe": recipe.source, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {platform.machine()}",
         "headline": _headline(metrics, compression, speedup),
-        **info, "compression": compression, "speedup": speedup, "metrics": metrics, "per_category": per_category,
+        "models": info, "compression": compression, "speedup": speedup, "metrics": metrics, "per_category": per_category,
         "eval_rows": len(rows),
         "cache": {"path": str(recipe.cache_dir), "bytes": TeacherCache(recipe.cache_dir).size_bytes(),
                   "rows": len(TeacherCache(recipe.cache_dir).keys())},
@@ -178,13 +148,36 @@ def evaluate_run(recipe, view, examples, rows: list[dict], teacher_rows: list[di
     if (out / "data_quality.json").exists():  # rows kept and rejected by reason, per category (written by train)
         report["data"] = json.loads((out / "data_quality.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "report.json", json.dumps(report, indent=2))
     with open(out / "eval_answers.jsonl", "w") as f:
         for i, ex in enumerate(examples):
             f.write(json.dumps({"prompt": ex.messages[-1]["content"], "reference": ex.reference,
                                 **{name: answers[name][i] for name in answers}}, ensure_ascii=False) + "\n")
-    write_html_report(report, out / "report.html", train_logs=read_train_logs(out))
-    return report
+    return write_report(report, out, recipe.eval.gates)
+
+
+LM_METRICS = {
+    "token_f1": (True, "token F1 of greedy answers against the reference"),
+    "answer_f1": (True, "token F1 of the final 'Answer:' line against the reference (0 where none)"),
+    "answer_found": (True, "share of answers that end with a parsable 'Answer:' line"),
+    "top1_agreement": (True, "share of held-out teacher tokens where the model's top-1 token is the teacher's"),
+    "teacher_kl": (False, "KL(teacher || model) per token over top-k + tail buckets, on held-out teacher text"),
+    "perplexity": (False, "perplexity of the teacher's held-out answers"),
+    "perplexity_reference": (False, "perplexity of the held-out reference answers"),
+}
+
+
+def _baseline_intervals(scores: dict, answers: dict, references: list[str | None]) -> dict[str, list[float]]:
+    """95% paired-bootstrap intervals of student - baseline: over held-out rows of teacher text for
+    agreement, KL and perplexity, over answered references for token F1."""
+    if "baseline" not in scores:
+        return {}
+    intervals = paired_bootstrap(scores["student"], scores["baseline"])
+    with_ref = [i for i, r in enumerate(references) if r]
+    if with_ref:
+        f1 = {name: [{"n": 1, "f1": token_f1(answers[name][i], references[i])} for i in with_ref]
+              for name in ("student", "baseline")}
+        intervals.update(paired_bootstrap(f1["student"], f1["baseline"], {"token_f1": ("f1", None)}))
+    return intervals
 
 
 def _per_category(examples, rows, scores, answers, references) -> dict:

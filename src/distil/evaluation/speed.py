@@ -44,8 +44,8 @@ class _PeakRss:
 def measure(model_dir: str, prompts: list[list[int]], max_new_tokens: int = 32) -> dict:
     """Greedy-generate `max_new_tokens` for each prompt, one at a time (no early stop).
 
-    Returns tokens_per_s, latency_s (mean seconds per request) and peak_memory_bytes (GPU memory
-    allocated on a GPU; resident-set growth on a CPU).
+    Returns speed ({"value": tokens/s, "unit": "tokens/s"}), latency_s (mean seconds per request)
+    and peak_memory_bytes (GPU memory allocated on a GPU; resident-set growth on a CPU).
     """
     import torch
 
@@ -64,7 +64,8 @@ def measure(model_dir: str, prompts: list[list[int]], max_new_tokens: int = 32) 
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-    result = {"tokens_per_s": len(prompts) * max_new_tokens / sum(times), "latency_s": sum(times) / len(times),
+    result = {"speed": {"value": len(prompts) * max_new_tokens / sum(times), "unit": "tokens/s"},
+              "latency_s": sum(times) / len(times),
               "device": str(model.device)}
     if model.device.type == "cuda":
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()  # GPU memory is what limits there

@@ -227,17 +227,14 @@ def count_params(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def size_on_disk(path: Path) -> int:
+    """Bytes of a file, or of the weight files in a folder (tokenizer and config not counted)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".onnx", ".data", ".gguf"))
 
 
-
-
-
-
-
-
-
-
-
-
-
-
+def folder_size(folder: Path) -> int:
+    """Bytes of the weight files in a model folder and its module sub-folders (configs not counted)."""
+    return size_on_disk(folder) + sum(size_on_disk(d) for d in Path(folder).iterdir() if d.is_dir())

@@ -29,6 +29,8 @@ from distil import files
 from distil.config.tasks import ClassificationRecipe
 from distil.data.examples import read_table
 from distil.errors import DistilError
+from distil.evaluation.metrics import metrics_block, paired_bootstrap
+from distil.evaluation.report import write_report
 from distil.models import sources
 from distil.tasks import common, factory
 from distil.tasks.losses import soft_label_kd
@@ -203,6 +205,11 @@ def _teacher_folder(recipe: ClassificationRecipe, train: Split) -> Path:
     return recipe.cache_dir / "classifiers" / key[:24]
 
 
+def teacher_folder(recipe: ClassificationRecipe, train: Split) -> Path:
+    """Where the teacher's weights are: its source folder, or the cached one distil trained."""
+    return _teacher_folder(recipe, train) if recipe.teacher.train is not None else sources.resolve(recipe.teacher.model).directory
+
+
 def teacher(recipe: ClassificationRecipe, train: Split) -> tuple[torch.nn.Module, str]:
     """The teacher and its identity; trained on hard labels first (once, cached) when teacher.train is set."""
     t = recipe.teacher
@@ -322,47 +329,63 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, teacher_l
     return out
 
 
+CLASSIFICATION_METRICS = {
+    "accuracy": (True, "share of held-out examples classified correctly"),
+    "macro_f1": (True, "F1 averaged over classes, each class counting the same"),
+    "ece": (False, "expected calibration error: |accuracy - confidence| over equal-width confidence bins"),
+    "teacher_agreement": (True, "share of held-out examples where the model's class is the teacher's"),
+}
+
+
 def evaluate(recipe: ClassificationRecipe) -> dict:
     """Score teacher, student and baseline on the held-out split; write report.json and report.html."""
     from sklearn.metrics import confusion_matrix
 
-    from distil.tasks.report import write_task_report
-
     train_split, held_out = load_data(recipe)
     is_text = isinstance(held_out.x, dict)
     model, identity = teacher(recipe, train_split)
+    folders = {"teacher": teacher_folder(recipe, train_split)}
     roles = {"teacher": model}
     for name in ("student", "baseline"):
         if (recipe.out_dir / name / "distil_train.json").exists():
             roles[name] = load_model(recipe.out_dir / name, is_text)
+            folders[name] = recipe.out_dir / name
     if "student" not in roles:
         raise DistilError("no trained student; run `distil train` first", file=str(recipe.out_dir / "student"))
-    torch.set_num_threads(torch.get_num_threads())
-    results, confusion = {}, {}
-    teacher_logits = None
+    values, models, confusion, per_row = {}, {}, {}, {}
+    teacher_pred = None
     for role, m in roles.items():
         logits, per_s = predict(m, held_out, recipe.eval.batch_size)
-        if role == "teacher":
-            teacher_logits = logits
-        metrics = classification_metrics(logits, held_out.y, None if role == "teacher" else teacher_logits,
-                                         recipe.eval.calibration_bins)
-        results[role] = {**metrics, "params": common.parameter_count(m), "examples_per_s": round(per_s, 1)}
-        confusion[role] = confusion_matrix(held_out.y.numpy(), logits.argmax(-1).numpy(),
+        pred = logits.argmax(-1)
+        teacher_pred = pred if role == "teacher" else teacher_pred
+        values[role] = classification_metrics(logits, held_out.y, None if role == "teacher" else teacher_pred,
+                                              recipe.eval.calibration_bins)
+        values[role].setdefault("teacher_agreement", 1.0)
+        per_row[role] = [{"n": 1, "correct": float(c), "agree": float(a)}
+                         for c, a in zip(pred == held_out.y, pred == teacher_pred)]
+        models[role] = {"name": identity if role == "teacher" else role, "path": str(folders[role]),
+                        "params": common.parameter_count(m), "size_bytes": sources.folder_size(folders[role]),
+                        "speed": {"value": round(per_s, 1), "unit": "examples/s"}, "peak_memory_bytes": None}
+        confusion[role] = confusion_matrix(held_out.y.numpy(), pred.numpy(),
                                            labels=list(range(len(held_out.classes)))).tolist()
-    t, s = results["teacher"], results["student"]
-    compression = t["params"] / s["params"]
-    headline = (f"student keeps {100 * s['accuracy'] / t['accuracy']:.1f}% of the teacher's accuracy "
-                f"({100 * s['accuracy']:.2f}% vs {100 * t['accuracy']:.2f}%) at {compression:.1f}x fewer parameters")
-    if "baseline" in results:
-        headline += f"; hard labels alone: {100 * results['baseline']['accuracy']:.2f}%"
-    report = {"task": "classification", "headline": headline, "teacher": identity, "examples": len(held_out),
-              "classes": held_out.classes, "models": results, "confusion": confusion,
+    intervals = (paired_bootstrap(per_row["student"], per_row["baseline"],
+                                  {"accuracy": ("correct", None), "teacher_agreement": ("agree", None)})
+                 if "baseline" in roles else None)
+    metrics = metrics_block(values, CLASSIFICATION_METRICS, intervals)
+    t, s = models["teacher"], models["student"]
+    compression, speedup = t["params"] / s["params"], s["speed"]["value"] / t["speed"]["value"]
+    acc = metrics["accuracy"]
+    headline = (f"student keeps {100 * acc['retention']:.1f}% of the teacher's accuracy "
+                f"({100 * acc['student']:.2f}% vs {100 * acc['teacher']:.2f}%) at {compression:.1f}x fewer parameters")
+    if "baseline" in roles:
+        headline += f"; hard labels alone: {100 * acc['baseline']:.2f}%"
+    report = {"task": "classification", "headline": headline, "models": models, "metrics": metrics,
+              "compression": compression, "speedup": speedup, "eval_rows": len(held_out),
+              "classes": held_out.classes, "confusion": confusion,
               "settings": {"temperature": recipe.train.temperature, "alpha": recipe.train.alpha,
                            "epochs": recipe.train.epochs, "examples": recipe.train.examples or len(train_split),
                            "seed": recipe.train.seed}}
-    files.write_json(recipe.out_dir / "report.json", report)
-    write_task_report(report, recipe.out_dir / "report.html")
-    return report
+    return write_report(report, recipe.out_dir, recipe.eval.gates)
 
 
 # ----------------------------------------------------------------------------- export
@@ -370,7 +393,8 @@ def evaluate(recipe: ClassificationRecipe) -> dict:
 def export(recipe: ClassificationRecipe) -> dict:
     """Write export.formats from <out>/student into <out>/exports, load each back in its runtime and
     score it on the held-out split like the fp32 student; rows go into report.json / report.html."""
-    from distil.tasks.export import add_to_report, export_all, score_exports
+    from distil.deploy.scoring import add_to_report
+    from distil.tasks.export import export_all, score_exports
 
     folder = recipe.out_dir / "student"
     if not (folder / "distil_train.json").exists():
@@ -389,8 +413,7 @@ def export(recipe: ClassificationRecipe) -> dict:
         if reference_logits is not None:
             m["student_agreement"] = float((logits.argmax(-1) == reference_logits.argmax(-1)).float().mean())
             m["max_abs_logit_diff"] = float((logits - reference_logits).abs().max())
-        m["examples_per_s"] = round(len(held_out) / seconds, 1)
-        return m, logits
+        return m, {"value": round(len(held_out) / seconds, 1), "unit": "examples/s"}, logits
 
     exports = score_exports(folder, artifacts, score,
                             f"{len(held_out)} held-out examples, batch {bs}, {torch.get_num_threads()} torch threads; "

@@ -25,6 +25,8 @@ from distil import files
 from distil.config.tasks import EmbeddingRecipe, EmbeddingStudent
 from distil.data.examples import read_table
 from distil.errors import DistilError
+from distil.evaluation.metrics import metrics_block
+from distil.evaluation.report import write_report
 from distil.models import sources
 from distil.tasks import common
 from distil.tasks.losses import embedding_cosine, embedding_mse, similarity_kl
@@ -308,12 +310,18 @@ def _pairs(recipe: EmbeddingRecipe, rows: list[dict]) -> tuple[list[tuple[str, s
     return [], None
 
 
+EMBEDDING_METRICS = {
+    "mrr": (True, "mean reciprocal rank of each query's document among all held-out documents (cosine)"),
+    "spearman_score": (True, "Spearman correlation of pair cosines with the data's similarity scores"),
+    "knn_accuracy": (True, "leave-one-out k-nearest-neighbour label accuracy on the held-out rows"),
+    "spearman_teacher": (True, "Spearman correlation of the model's pair cosines with the teacher's"),
+}
+
+
 def evaluate(recipe: EmbeddingRecipe) -> dict:
     """Score teacher and student on the held-out rows; write report.json and report.html."""
     from scipy.stats import spearmanr
     from sentence_transformers import SentenceTransformer
-
-    from distil.tasks.report import write_task_report
 
     d, e = recipe.data, recipe.eval
     rows = eval_rows(recipe)
@@ -323,12 +331,13 @@ def evaluate(recipe: EmbeddingRecipe) -> dict:
     if not (folder / "modules.json").exists():
         raise DistilError("no trained student; run `distil train` first", file=str(folder))
     roles = {"teacher": teacher, "student": SentenceTransformer(str(folder), device="cpu")}
+    folders = {"teacher": sources.resolve(recipe.teacher.model, field="teacher.model").directory, "student": folder}
     pairs, scores = _pairs(recipe, rows)
-    results, pair_sims = {}, {}
+    results, models, pair_sims = {}, {}, {}
     speed_text = eval_sentences(recipe, rows)
     speed_text = (speed_text * (e.speed_sentences // max(len(speed_text), 1) + 1))[: e.speed_sentences]
     for role, model in roles.items():
-        m: dict = {"params": common.parameter_count(model)}
+        m: dict = {}
         if d.query_field and d.document_field:
             docs = list(dict.fromkeys(r[d.document_field] for r in rows))
             gold = torch.tensor([docs.index(r[d.document_field]) for r in rows])
@@ -343,24 +352,28 @@ def evaluate(recipe: EmbeddingRecipe) -> dict:
         if d.label_field:
             m["knn_accuracy"] = knn_accuracy(_encode(model, [r[d.query_field or d.text_fields[0]] for r in rows], e.batch_size),
                                              [str(r[d.label_field]) for r in rows], e.knn)
-        m["sentences_per_s"] = round(sentences_per_s(model, speed_text, e.batch_size), 1)
         results[role] = m
+        models[role] = {"name": identity if role == "teacher" else role, "path": str(folders[role]),
+                        "params": common.parameter_count(model), "size_bytes": sources.folder_size(folders[role]),
+                        "speed": {"value": round(sentences_per_s(model, speed_text, e.batch_size), 1),
+                                  "unit": "sentences/s"}, "peak_memory_bytes": None}
     if pairs:
+        results["teacher"]["spearman_teacher"] = 1.0
         results["student"]["spearman_teacher"] = float(spearmanr(pair_sims["student"], pair_sims["teacher"]).statistic)
-    t, s = results["teacher"], results["student"]
-    retention = {k: s[k] / t[k] for k in t if k not in ("params", "sentences_per_s") and t[k]}
-    headline = (f"student: {t['params'] / s['params']:.1f}x fewer parameters, "
-                f"{s['sentences_per_s'] / t['sentences_per_s']:.1f}x the sentences/s; "
-                + ", ".join(f"{k} {100 * v:.0f}%" for k, v in retention.items()) + " of the teacher's")
-    if "spearman_teacher" in s:
-        headline += f"; Spearman with the teacher's pair similarities {s['spearman_teacher']:.3f}"
-    report = {"task": "embedding", "headline": headline, "teacher": identity, "rows": len(rows), "pairs": len(pairs),
-              "models": results, "retention": retention,
+    metrics = metrics_block(results, {**{f"recall@{k}": (True, f"share of queries whose document ranks in the top {k}")
+                                         for k in e.recall_at}, **EMBEDDING_METRICS})
+    t, s = models["teacher"], models["student"]
+    compression, speedup = t["params"] / s["params"], s["speed"]["value"] / t["speed"]["value"]
+    headline = (f"student: {compression:.1f}x fewer parameters, {speedup:.1f}x the sentences/s; "
+                + ", ".join(f"{k} {100 * m['retention']:.0f}%" for k, m in metrics.items()
+                            if k != "spearman_teacher" and m["retention"] is not None) + " of the teacher's")
+    if "spearman_teacher" in metrics:
+        headline += f"; Spearman with the teacher's pair similarities {metrics['spearman_teacher']['student']:.3f}"
+    report = {"task": "embedding", "headline": headline, "models": models, "metrics": metrics,
+              "compression": compression, "speedup": speedup, "eval_rows": len(rows), "pairs": len(pairs),
               "settings": {**recipe.student.model_dump(), "epochs": recipe.train.epochs,
                            "threads": torch.get_num_threads()}}
-    files.write_json(recipe.out_dir / "report.json", report)
-    write_task_report(report, recipe.out_dir / "report.html")
-    return report
+    return write_report(report, recipe.out_dir, recipe.eval.gates)
 
 
 # ----------------------------------------------------------------------------- export
@@ -369,7 +382,8 @@ def export(recipe: EmbeddingRecipe) -> dict:
     """Write export.formats from <out>/student into <out>/exports, load each back in its runtime and
     score it on the held-out rows like the fp32 student (retrieval, kNN, cosine to the fp32
     student's embeddings, sentences/s); rows go into report.json / report.html."""
-    from distil.tasks.export import add_to_report, export_all, score_exports
+    from distil.deploy.scoring import add_to_report
+    from distil.tasks.export import export_all, score_exports
 
     d, e = recipe.data, recipe.eval
     folder = recipe.out_dir / "student"
@@ -382,7 +396,8 @@ def export(recipe: EmbeddingRecipe) -> dict:
     def score(runtime, reference_emb):
         t0 = time.perf_counter()
         emb = runtime.encode(sentences, e.batch_size)
-        m = {"sentences_per_s": round(len(sentences) / (time.perf_counter() - t0), 1)}
+        speed = {"value": round(len(sentences) / (time.perf_counter() - t0), 1), "unit": "sentences/s"}
+        m = {}
         index = {s: i for i, s in enumerate(sentences)}
         if d.query_field and d.document_field:
             docs = list(dict.fromkeys(r[d.document_field].strip() for r in rows))
@@ -396,7 +411,7 @@ def export(recipe: EmbeddingRecipe) -> dict:
         if reference_emb is not None:
             m["cosine_to_student"] = float(torch.nn.functional.cosine_similarity(emb, reference_emb).mean())
             m["max_abs_diff"] = float((emb - reference_emb).abs().max())
-        return m, emb
+        return m, speed, emb
 
     exports = score_exports(folder, artifacts, score,
                             f"{len(sentences)} held-out sentences, batch {e.batch_size}, {torch.get_num_threads()} "

@@ -36,9 +36,9 @@ from distil.deploy.export import (
     int8_linear_tensors,
     quantize_dynamic,
     set_int8_linears,
-    size_on_disk,
 )
 from distil.errors import DistilError, require
+from distil.models.sources import folder_size
 
 TASK_FORMATS = ("hf", "onnx", "int8")
 PROBE_TEXTS = ["Tell me about the stars and the moon.", "What is the best way to learn a new language?"]
@@ -226,11 +226,6 @@ def export_task_model(folder: Path | str, fmt: str, out: Path | str) -> Exported
     return Exported(fmt, out, None, folder_size(out))
 
 
-def folder_size(folder: Path) -> int:
-    """Bytes of the weight files in a model folder and its module sub-folders (configs not counted)."""
-    return size_on_disk(folder) + sum(size_on_disk(d) for d in Path(folder).iterdir() if d.is_dir())
-
-
 # ----------------------------------------------------------------------------- runtimes
 
 class TaskRuntime:
@@ -356,35 +351,23 @@ def score_exports(folder: Path, artifacts: list[Exported], score, note: str) -> 
     Args:
         folder: the trained fp32 student.
         artifacts: what `export_all` wrote.
-        score: `score(runtime, reference_outputs) -> (metrics, outputs)`; called first for the student
-            with reference_outputs None, then for each artifact with the student's outputs.
+        score: `score(runtime, reference_outputs) -> (metrics, speed, outputs)`, speed as
+            {"value", "unit"}; called first for the student with reference_outputs None, then for
+            each artifact with the student's outputs.
         note: how the rows were measured, for the report.
     Returns:
         {"reference": the student's row, "rows": one per artifact with each metric's "change" against
         the student, "note": note}.
     """
     student = TaskRuntime(folder)
-    metrics, outputs = score(student, None)
+    metrics, speed, outputs = score(student, None)
     reference = {"label": "student (fp32)", "format": "hf", "runtime": student.runtime, "path": str(folder),
-                 "size_bytes": folder_size(folder), "metrics": metrics}
+                 "size_bytes": folder_size(folder), "speed": speed, "metrics": metrics}
     rows = []
     for artifact in artifacts:
         runtime = TaskRuntime(artifact.path)
-        m = score(runtime, outputs)[0]
+        m, speed, _ = score(runtime, outputs)
         rows.append({"label": artifact.label, "format": artifact.format, "runtime": runtime.runtime,
-                     "path": str(artifact.path), "size_bytes": artifact.size_bytes, "metrics": m,
+                     "path": str(artifact.path), "size_bytes": artifact.size_bytes, "speed": speed, "metrics": m,
                      "change": {k: m[k] - metrics[k] for k in m if isinstance(metrics.get(k), float)}})
     return {"reference": reference, "rows": rows, "note": note}
-
-
-def add_to_report(out_dir: Path, exports: dict) -> None:
-    """Store the export rows in <out>/report.json (key "exports") and re-render the task's report.html."""
-    from distil.tasks.report import write_task_report
-
-    path = Path(out_dir) / "report.json"
-    report = json.loads(path.read_text()) if path.exists() else {}
-    if "models" not in report:
-        raise DistilError("no report to add the exports to; run `distil eval` first", file=str(path))
-    report["exports"] = exports
-    files.write_json(path, report)
-    write_task_report(report, Path(out_dir) / "report.html")
