@@ -39,7 +39,7 @@ def main() -> None:
     table = {}
     for role in ("teacher", "student", "baseline"):
         for metric in ("accuracy", "macro_f1", "ece", "teacher_agreement"):
-            values = [r["models"][role].get(metric) for r in reports]
+            values = [r["metrics"][metric].get(role) for r in reports]
             if None not in values:
                 table[f"{role}.{metric}"] = {"mean": statistics.mean(values),
                                              "std": statistics.stdev(values) if len(values) > 1 else 0.0,

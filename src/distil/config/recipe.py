@@ -212,7 +212,7 @@ class GatedEval(Section):
     gates: list[str] = Field(default_factory=list, description=(
         "checks on report.json after `distil eval` / `distil run`, e.g. `top1_agreement.retention >= 0.35` or "
         "`teacher_kl.student_minus_baseline < 0` (its whole 95% interval below 0); a failed gate exits 3 "
-        "(docs/report.md)"))
+        "(README: distil eval)"))
 
 
 class EvalConfig(GatedEval):
