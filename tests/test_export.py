@@ -241,7 +241,7 @@ def test_cli_export_checks_the_artifact_against_the_source(tiny_model_dir, tmp_p
 def test_recipe_export_section_adds_scored_rows_to_the_report(load, tmp_path):
     from distil import pipeline
 
-    recipe = load("export.formats=[hf, int8]", "eval.baseline=false")
+    recipe = load("export.formats=[hf, int8]", "train.baseline=false")
     pipeline.generate(recipe)
     pipeline.train(recipe)
     exports = pipeline.export(recipe)

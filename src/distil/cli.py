@@ -60,7 +60,7 @@ def generate(args: Optional[list[str]] = typer.Argument(None, help=RECIPE_HELP))
 @app.command()
 def train(args: Optional[list[str]] = typer.Argument(None, help=RECIPE_HELP),
           resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint.")):
-    """Train the student on the cached soft targets (and the cross-entropy baseline when eval.baseline is true).
+    """Train the student on the cached soft targets (and the cross-entropy baseline when train.baseline is true).
 
     Example: distil train recipes/quickstart.yaml train.steps=200 --resume
     """
