@@ -207,7 +207,8 @@ class TrainConfig(Section):
     temperature: float = Field(1.0, gt=0, description="softens teacher and student distributions in the "
                                                       "divergence (scaled by T^2)")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of cross-entropy; 1 - alpha goes to the divergence "
-                                                      "(mode: supervised / on_policy)")
+                                                      "(mode: supervised / on_policy; with mode: sequence "
+                                                      "setting it is an error)")
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm to this (null: no "
                                                                "clipping)")
     checkpoint_every: int = Field(50, gt=0, description="save a checkpoint every N steps, for `--resume`")

@@ -90,7 +90,7 @@ class ClassificationEval(Section):
 
 class ClassificationRecipe(_TaskRecipe):
     """A recipe for `task: classification`: distil an image or text classifier on soft labels."""
-    task: Literal["classification"] = Field(description="classification")
+    task: Literal["classification"] = Field(description="must be given: it picks this schema")
     teacher: ClassifierTeacher = Field(description="the classifier to distil from")
     student: ClassifierStudent = Field(description="the smaller classifier")
     data: ClassificationData = Field(description="the labelled examples")
@@ -157,7 +157,7 @@ class EmbeddingTeacher(Section):
 
 class EmbeddingRecipe(_TaskRecipe):
     """A recipe for `task: embedding`: distil a sentence-embedding encoder."""
-    task: Literal["embedding"] = Field(description="embedding")
+    task: Literal["embedding"] = Field(description="must be given: it picks this schema")
     teacher: EmbeddingTeacher = Field(description="the sentence encoder to distil from")
     student: EmbeddingStudent = Field(description="the smaller encoder, built from the teacher")
     data: EmbeddingData = Field(description="the sentences")
