@@ -26,7 +26,7 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 
 
 def main(name: str, overrides: list[str]) -> dict:
-    recipe = load_recipe(RECIPE, [f"out=runs/loss-sweep/{name}", "eval.baseline=false", *overrides])
+    recipe = load_recipe(RECIPE, [f"out=runs/loss-sweep/{name}", "train.baseline=false", *overrides])
     start = time.time()
     pipeline.train(recipe, resume=True)
     train_s = time.time() - start

@@ -85,7 +85,7 @@ def test_distil_run_on_gpu(load, tmp_path):
 
 def test_on_policy_and_hidden_matching_on_gpu(load, tmp_path):
     """GKD rollouts (sampled with a generator on the GPU) and hidden-state matching train on CUDA."""
-    recipe = load(f"out={tmp_path / 'gkd'}", "eval.baseline=false", "train.mode=on_policy", "train.lambda=1",
+    recipe = load(f"out={tmp_path / 'gkd'}", "train.baseline=false", "train.mode=on_policy", "train.lambda=1",
                   "train.hidden={layers: [[1, 2]], loss: cosine}")
     pipeline.generate(recipe)
     summary = pipeline.train(recipe)["student"]

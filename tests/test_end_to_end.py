@@ -143,7 +143,7 @@ def test_evaluate_metrics_match_an_independent_computation(load, in_process_spee
 
     from distil.generation.cache import TeacherCache
 
-    recipe = trained(load, "eval.baseline=false")
+    recipe = trained(load, "train.baseline=false")
     report = pipeline.evaluate(recipe)
     assert_valid_report(report)
     assert "baseline" not in report["models"]
@@ -181,7 +181,7 @@ def test_evaluate_metrics_match_an_independent_computation(load, in_process_spee
 
 
 def test_eval_max_new_tokens_limits_answers(load, in_process_speed):
-    recipe = trained(load, "eval.baseline=false", "eval.max_new_tokens=2")
+    recipe = trained(load, "train.baseline=false", "eval.max_new_tokens=2")
     pipeline.evaluate(recipe)
     answers = [json.loads(line) for line in (recipe.out_dir / "eval_answers.jsonl").read_text().splitlines()]
     # The tiny tokenizer decodes one word per token.

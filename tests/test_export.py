@@ -244,7 +244,7 @@ def test_recipe_export_section_adds_scored_rows_to_the_report(load, tmp_path, in
 
     from distil import pipeline
 
-    recipe = load("export.formats=[hf, int8]", "eval.baseline=false")
+    recipe = load("export.formats=[hf, int8]", "train.baseline=false")
     pipeline.generate(recipe)
     pipeline.train(recipe)
     with pytest.raises(DistilError, match="run `distil eval` first"):

@@ -22,7 +22,7 @@ def test_recipe_student_lora_trains_only_adapters_and_saves_them(load, tmp_path)
 
     from distil import pipeline
 
-    recipe = load("student.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj, down_proj]}", "eval.baseline=false",
+    recipe = load("student.lora={r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj, down_proj]}", "train.baseline=false",
                   "train.lr=0.01")
     pipeline.generate(recipe)
     pipeline.train(recipe)

@@ -42,10 +42,10 @@ def ref_divergence(name: str, p_t: torch.Tensor, p_s: torch.Tensor, params: dict
         m = b * p_t + (1 - b) * p_s
         return b * ref_kl(p_t, m) + (1 - b) * ref_kl(p_s, m)
     if name == "skew_kl":
-        a = params["alpha"]
+        a = params["skew"]
         return ref_kl(p_t, a * p_t + (1 - a) * p_s)
     if name == "skew_reverse_kl":
-        a = params["alpha"]
+        a = params["skew"]
         return ref_kl(p_s, a * p_s + (1 - a) * p_t)
     if name == "tvd":
         return 0.5 * (p_t - p_s).abs().sum(-1)
@@ -78,7 +78,7 @@ def draw_params(draw, name: str) -> dict:
     if name == "jsd":
         return {"beta": draw(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]))}
     if name in ("skew_kl", "skew_reverse_kl"):
-        return {"alpha": draw(st.sampled_from([0.0, 0.1, 0.5, 0.9]))}
+        return {"skew": draw(st.sampled_from([0.0, 0.1, 0.5, 0.9]))}
     return {}
 
 
@@ -369,9 +369,9 @@ def test_divergence_binds_parameters_and_defaults():
     dense, _ = divergence("jsd")
     torch.testing.assert_close(dense(s, t), losses.jsd(s, t, beta=0.5))
     dense, sparse = divergence("skew_kl")
-    torch.testing.assert_close(dense(s, t), losses.skew_kl(s, t, alpha=0.1))
+    torch.testing.assert_close(dense(s, t), losses.skew_kl(s, t, skew=0.1))
     ids, top, tail = sparse_targets_of(t, 3)
-    torch.testing.assert_close(sparse(s, ids, top, tail), losses.sparse_skew_kl(s, ids, top, tail, alpha=0.1))
+    torch.testing.assert_close(sparse(s, ids, top, tail), losses.sparse_skew_kl(s, ids, top, tail, skew=0.1))
 
 
 def test_divergence_rejects_bad_names_and_parameters():
@@ -382,9 +382,9 @@ def test_divergence_rejects_bad_names_and_parameters():
     with pytest.raises(ValueError, match="takes no parameter"):
         divergence("jsd", alpha=0.5)
     with pytest.raises(ValueError, match=r"in \[0, 1\)"):
-        divergence("skew_kl", alpha=1.5)
+        divergence("skew_kl", skew=1.5)
     with pytest.raises(ValueError, match=r"in \[0, 1\)"):
-        losses.skew_reverse_kl(torch.zeros(2, 3), torch.zeros(2, 3), alpha=1.0)
+        losses.skew_reverse_kl(torch.zeros(2, 3), torch.zeros(2, 3), skew=1.0)
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         losses.jsd(torch.zeros(2, 3), torch.zeros(2, 3), beta=-0.1)
     with pytest.raises(ValueError, match="reduction"):

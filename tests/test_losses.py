@@ -241,7 +241,7 @@ def test_sparse_kl_sum_is_mean_times_count():
 
 
 @pytest.mark.parametrize("name, params", [("forward_kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.3}),
-                                          ("skew_kl", {"alpha": 0.2}), ("skew_reverse_kl", {"alpha": 0.2}),
+                                          ("skew_kl", {"skew": 0.2}), ("skew_reverse_kl", {"skew": 0.2}),
                                           ("tvd", {})])
 def test_trainer_fast_path_matches_each_exact_sparse_divergence(name, params):
     """The trainer's one-log-softmax path equals the divergence's exact sparse function in value and gradient."""

@@ -34,8 +34,8 @@ def _train_killed_then_resumed(recipe, monkeypatch, kill_at: int = 4):
 
 
 def test_sequence_mode_is_cross_entropy_on_the_teacher_text(cached, tmp_path):
-    """mode: sequence ignores alpha and the divergence: the student equals the CE baseline."""
-    recipe = cached("train.mode=sequence", "train.alpha=0.2", f"out={tmp_path / 'seq'}")
+    """mode: sequence ignores the divergence: the student equals the CE baseline."""
+    recipe = cached("train.mode=sequence", "train.loss=reverse_kl", f"out={tmp_path / 'seq'}")
     pipeline.train(recipe)
     assert_same_weights(tmp_path / "seq" / "student", tmp_path / "seq" / "baseline")
     for line in log_lines(tmp_path / "seq"):
@@ -43,8 +43,8 @@ def test_sequence_mode_is_cross_entropy_on_the_teacher_text(cached, tmp_path):
 
 
 def test_on_policy_with_lambda_zero_equals_supervised(cached, tmp_path):
-    pipeline.train(cached("eval.baseline=false", f"out={tmp_path / 'sup'}"))
-    pipeline.train(cached("eval.baseline=false", "train.mode=on_policy", "train.lambda=0", f"out={tmp_path / 'gkd'}"))
+    pipeline.train(cached("train.baseline=false", f"out={tmp_path / 'sup'}"))
+    pipeline.train(cached("train.baseline=false", "train.mode=on_policy", "train.lambda=0", f"out={tmp_path / 'gkd'}"))
     assert_same_weights(tmp_path / "sup" / "student", tmp_path / "gkd" / "student")
     assert all(line["on_policy_share"] == 0 for line in log_lines(tmp_path / "gkd"))
 
@@ -77,7 +77,7 @@ def test_on_policy_student_writes_and_resumes_exactly(cached, tmp_path, monkeypa
         return original(rows, pad_id)
 
     monkeypatch.setattr(train_module, "collate", spy)
-    a = cached("eval.baseline=false", "train.mode=on_policy", "train.lambda=1", f"out={tmp_path / 'A'}")
+    a = cached("train.baseline=false", "train.mode=on_policy", "train.lambda=1", f"out={tmp_path / 'A'}")
     pipeline.train(a)
     logs = log_lines(tmp_path / "A")
     assert all(line["on_policy_share"] == 1 for line in logs)
@@ -89,8 +89,8 @@ def test_on_policy_student_writes_and_resumes_exactly(cached, tmp_path, monkeypa
     assert written and "topk_ids" not in seen[0][0]
     assert sum(t not in cached_texts for t in written) > len(written) // 2
 
-    b = cached("eval.baseline=false", "train.mode=on_policy", "train.lambda=0.5", f"out={tmp_path / 'B'}")
-    c = cached("eval.baseline=false", "train.mode=on_policy", "train.lambda=0.5", f"out={tmp_path / 'C'}")
+    b = cached("train.baseline=false", "train.mode=on_policy", "train.lambda=0.5", f"out={tmp_path / 'B'}")
+    c = cached("train.baseline=false", "train.mode=on_policy", "train.lambda=0.5", f"out={tmp_path / 'C'}")
     pipeline.train(b)
     shares = [line["on_policy_share"] for line in log_lines(tmp_path / "B")]
     assert 0 < sum(shares) < len(shares)
@@ -105,7 +105,7 @@ def _narrow_student_recipe(tmp_path, tiny_model_dir, **train) -> object:
     data["student"] = {"config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
                                   "num_attention_heads": 2, "num_key_value_heads": 1}}
     data["train"].update(train)
-    data["eval"]["baseline"] = False
+    data["train"]["baseline"] = False
     path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*')))}.yaml"
     path.write_text(yaml.safe_dump(data))
     return load_recipe(path)

@@ -325,7 +325,8 @@ def test_distil_run_with_a_local_and_an_endpoint_teacher(tmp_path, tiny_model_di
 
     server = ServeProcess(tiny_model_dir)
     try:
-        path = multi_recipe(tmp_path, tiny_model_dir, tiny_model_dir, eval={"speed_prompts": 1, "baseline": False})
+        path = multi_recipe(tmp_path, tiny_model_dir, tiny_model_dir, eval={"speed_prompts": 1},
+                            train={**tiny_recipe_dict(tiny_model_dir, tmp_path)["train"], "baseline": False})
         data = yaml.safe_load(open(path))
         data["teachers"][1] = {"name": "endpoint", "type": "openai", "base_url": server.url, "model": "tiny-llama",
                                "local_model": str(tiny_model_dir), "top_logprobs": 5}

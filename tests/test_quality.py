@@ -86,7 +86,7 @@ def test_pipeline_removes_duplicates_before_the_teacher_and_bad_answers_before_t
     rows = [json.loads(line) for line in train_file.read_text().splitlines()]
     rows += [{"prompt": rows[0]["prompt"].upper()}, {"prompt": rows[1]["prompt"].replace("?", " please?")}]  # an exact and a near copy
     write_jsonl(train_file, [{**r, "category": "even" if i % 2 == 0 else "odd"} for i, r in enumerate(rows)])
-    base = ("data.dedupe=near", "data.near_duplicate_threshold=0.75", "train.steps=2", "eval.baseline=false")
+    base = ("data.dedupe=near", "data.near_duplicate_threshold=0.75", "train.steps=2", "train.baseline=false")
     recipe = load(*base, "data.reject=[truncated]")
     train_ex, eval_ex, stats = load_data_with_stats(recipe)
     assert stats["train"]["rows_in"] == 26 and stats["train"]["kept"] == len(train_ex) == 24

@@ -159,13 +159,13 @@ def test_missing_recipe_file(tmp_path):
 
 def test_overrides_apply_and_convert_types(tmp_path):
     path = write(tmp_path, BASE + "train:\n  steps: 5\n")
-    recipe = load_recipe(path, ["train.steps=50", "out=/tmp/x", "train.lr=0.01", "eval.baseline=false",
+    recipe = load_recipe(path, ["train.steps=50", "out=/tmp/x", "train.lr=0.01", "train.baseline=false",
                                 "train.max_grad_norm=null", "student.from_teacher.layers=[1, 2]",
                                 "generate.top_k=4"])
     assert recipe.train.steps == 50 and isinstance(recipe.train.steps, int)
     assert recipe.out == "/tmp/x" and recipe.out_dir == Path("/tmp/x")
     assert recipe.train.lr == pytest.approx(0.01) and isinstance(recipe.train.lr, float)
-    assert recipe.eval.baseline is False
+    assert recipe.train.baseline is False
     assert recipe.train.max_grad_norm is None
     assert recipe.student.from_teacher.layers == [1, 2]
     assert recipe.generate.top_k == 4
@@ -206,9 +206,9 @@ def test_override_without_equals(tmp_path):
 def test_apply_override_parses_yaml_values():
     data: dict = {}
     apply_override(data, "train.lr=0.5")
-    apply_override(data, "eval.baseline=no")
+    apply_override(data, "train.baseline=no")
     apply_override(data, "out=runs/a=b")  # only the first '=' splits
-    assert data == {"train": {"lr": 0.5}, "eval": {"baseline": False}, "out": "runs/a=b"}
+    assert data == {"train": {"lr": 0.5, "baseline": False}, "out": "runs/a=b"}
 
 
 # --- student source ---------------------------------------------------------------------------
@@ -275,3 +275,75 @@ def test_every_shipped_recipe_loads():
         assert recipe.out_dir.name, path  # every recipe names where its run goes
     draft = load_recipe(shipped("recipes/draft.yaml"))
     assert draft.student.from_teacher.layers == [0, 4, 8, 12, 16, 20, 24, 29] and draft.train.loss == "tvd"
+
+
+# --- renamed keys and keys that do not go together -------------------------------------------
+
+
+@pytest.mark.parametrize("section, old, new", [
+    ("train:\n  skew_alpha: 0.2\n", "train.skew_alpha", "train.skew"),
+    ("eval:\n  baseline: false\n", "eval.baseline", "train.baseline"),
+])
+def test_an_old_key_name_names_the_new_one(tmp_path, section, old, new):
+    path = write(tmp_path, BASE + section)
+    err = recipe_error(path)
+    assert err.field == old and err.file == str(path) and err.line == 10
+    assert f"{old} was renamed to {new}" in str(err)
+
+
+def test_old_lora_alpha_names_lora_alpha(tmp_path):
+    path = write(tmp_path, BASE.replace("  from_teacher:\n", "  lora: {r: 4, alpha: 8}\n  from_teacher:\n"))
+    err = recipe_error(path)
+    assert err.field == "student.lora.alpha" and "renamed to student.lora.lora_alpha" in err.message
+    assert load_recipe(write(tmp_path, BASE.replace("  from_teacher:\n", "  lora: {r: 4, lora_alpha: 8}\n"
+                                                                          "  from_teacher:\n"))).student.lora.lora_alpha == 8
+
+
+@pytest.mark.parametrize("override, old, new", [("train.skew_alpha=0.2", "train.skew_alpha", "train.skew"),
+                                                ("eval.baseline=false", "eval.baseline", "train.baseline")])
+def test_an_old_key_name_in_an_override_names_the_new_one(tmp_path, override, old, new):
+    err = recipe_error(write(tmp_path, BASE), [override])
+    assert err.file == "command line" and err.field == old and f"{old} was renamed to {new}" in err.message
+
+
+def test_renamed_keys_load_under_their_new_names(tmp_path):
+    recipe = load_recipe(write(tmp_path, BASE), ["train.skew=0.3", "train.baseline=false", "train.adam_betas=[0.8, 0.99]"])
+    assert recipe.train.skew == 0.3 and recipe.train.baseline is False and recipe.train.adam_betas == (0.8, 0.99)
+    assert load_recipe(write(tmp_path, BASE)).train.adam_betas == (0.9, 0.95)
+
+
+def test_adam_betas_must_be_two_numbers_below_one(tmp_path):
+    assert recipe_error(write(tmp_path, BASE), ["train.adam_betas=[0.9, 1.0]"]).field == "train.adam_betas.1"
+    assert recipe_error(write(tmp_path, BASE), ["train.adam_betas=[0.9]"]).field.startswith("train.adam_betas")
+
+
+def test_alpha_with_sequence_mode_is_an_error(tmp_path):
+    path = write(tmp_path, BASE + "train:\n  mode: sequence\n  alpha: 0.3\n")
+    err = recipe_error(path)
+    assert err.field == "train.alpha" and err.line == 11
+    assert "cross-entropy only" in err.message and "ignores alpha" in err.message
+    err = recipe_error(write(tmp_path, BASE + "train:\n  alpha: 0.3\n"), ["train.mode=sequence"])
+    assert err.field == "train.alpha"
+    assert load_recipe(write(tmp_path, BASE), ["train.mode=sequence"]).train.mode == "sequence"  # alpha unset: fine
+
+
+def test_out_resolves_against_the_working_directory_and_data_against_the_recipe(tmp_path):
+    from distil.config.recipe import DataConfig
+
+    recipe = load_recipe(write(tmp_path, BASE + "out: runs/x\n"))
+    assert recipe.out_dir == Path("runs/x")  # relative to the working directory
+    assert "working directory" in Recipe.model_fields["out"].description
+    for name in ("train", "eval"):
+        assert "recipe file" in DataConfig.model_fields[name].description
+
+
+def test_every_recipe_field_has_a_description():
+    from pydantic import BaseModel
+
+    from distil.config import recipe as recipe_module
+    from distil.config import tasks
+
+    missing = [f"{model.__name__}.{name}" for module in (recipe_module, tasks) for model in vars(module).values()
+               if isinstance(model, type) and issubclass(model, BaseModel) and model.__module__ == module.__name__
+               for name, field in model.model_fields.items() if not field.description]
+    assert missing == []

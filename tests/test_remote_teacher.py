@@ -169,7 +169,7 @@ def test_text_only_endpoint_falls_back_to_sequence_level_and_trains(recipe_path,
     with ThreadServer(app) as server:
         recipe = load_recipe(remote_recipe(recipe_path, server.url, model="fake", price_input_per_mtok=2.0,
                                            price_output_per_mtok=10.0),
-                             ["train.steps=2", "eval.baseline=false"])
+                             ["train.steps=2", "train.baseline=false"])
         summary = pipeline.generate(recipe)
     assert "sequence-level distillation" in summary["distillation"]
     assert "sequence-level" in capsys.readouterr().err

@@ -353,7 +353,7 @@ def test_classification_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
     data = _cls_dict(tmp_path)
     data["student"]["args"]["dropout"] = 0.3  # the RNG state must be restored too
     data["train"]["checkpoint_every"] = 3
-    data["eval"] = {"baseline": False}
+    data["train"]["baseline"] = False
     runs = {}
     for name in ("A", "B"):
         runs[name] = load_recipe(_write(tmp_path / f"{name}.yaml", {**data, "out": str(tmp_path / name)}))
@@ -425,7 +425,8 @@ def test_classification_export_formats_load_back_and_join_the_report(tmp_path):
     for name, n, seed in (("train", 120, 0), ("eval", 40, 1)):
         x, y = _images(n, seed)
         np.savez(tmp_path / f"{name}.npz", x=x, y=y)
-    data = {**_cls_dict(tmp_path), "export": {"formats": ["hf", "onnx", "int8"]}, "eval": {"baseline": False}}
+    data = {**_cls_dict(tmp_path), "export": {"formats": ["hf", "onnx", "int8"]}}
+    data["train"]["baseline"] = False
     data["student"] = {"model": "factory:cnn", "args": {"channels": [4], "hidden": 8, "image_size": 8}}
     result = pipeline.run(load_recipe(_write(tmp_path / "r.yaml", data)))
     exports = result["exports"]
@@ -519,8 +520,9 @@ def test_text_classification_with_sequence_classifiers_end_to_end(tmp_path):
             "student": {"model": str(bert), "config": {"num_hidden_layers": 1, "hidden_size": 16,
                                                        "num_attention_heads": 2, "intermediate_size": 32}},
             "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_length": 12},
-            "train": {"epochs": 3, "batch_size": 16, "lr": 3e-3, "warmup": 0, "temperature": 2.0, "alpha": 0.5},
-            "eval": {"baseline": False}, "export": {"formats": ["hf", "onnx", "int8"]},
+            "train": {"epochs": 3, "batch_size": 16, "lr": 3e-3, "warmup": 0, "temperature": 2.0, "alpha": 0.5,
+                      "baseline": False},
+            "export": {"formats": ["hf", "onnx", "int8"]},
             "out": str(tmp_path / "out"), "cache": str(tmp_path / "cache")}
     recipe = load_recipe(_write(tmp_path / "r.yaml", data))
     assert pipeline.generate(recipe)["generated"] == 240

@@ -49,8 +49,8 @@ def cached(load):
 
 
 def test_resumed_run_equals_uninterrupted_run(cached, tmp_path, monkeypatch):
-    a = cached("eval.baseline=false", f"out={tmp_path / 'A'}")
-    b = cached("eval.baseline=false", f"out={tmp_path / 'B'}")
+    a = cached("train.baseline=false", f"out={tmp_path / 'A'}")
+    b = cached("train.baseline=false", f"out={tmp_path / 'B'}")
     summary_a = pipeline.train(a)["student"]
     assert summary_a["steps"] == 6 and summary_a["resumed_from"] == 0
 
@@ -83,7 +83,7 @@ def test_resumed_run_equals_uninterrupted_run(cached, tmp_path, monkeypatch):
 
 def test_resume_from_a_log_with_later_steps_truncates_it(cached, tmp_path):
     """A run killed after logging steps past its last checkpoint logs those steps once on resume."""
-    recipe = cached("eval.baseline=false", f"out={tmp_path / 'A'}")
+    recipe = cached("train.baseline=false", f"out={tmp_path / 'A'}")
     pipeline.train(recipe)
     out = tmp_path / "A"
     # Pretend the run died after step 5 (logged) but before saving the model.
@@ -98,11 +98,11 @@ def test_resume_from_a_log_with_later_steps_truncates_it(cached, tmp_path):
 
 
 def test_resume_ignores_checkpoints_of_a_different_recipe(cached, tmp_path):
-    old = cached("eval.baseline=false", f"out={tmp_path / 'A'}")
+    old = cached("train.baseline=false", f"out={tmp_path / 'A'}")
     pipeline.train(old)  # leaves checkpoints step-2 and step-4 behind
-    changed = cached("eval.baseline=false", f"out={tmp_path / 'A'}", "train.lr=0.01")
+    changed = cached("train.baseline=false", f"out={tmp_path / 'A'}", "train.lr=0.01")
     summary = pipeline.train(changed, resume=True)["student"]  # what `distil run` does
-    fresh = cached("eval.baseline=false", f"out={tmp_path / 'F'}", "train.lr=0.01")
+    fresh = cached("train.baseline=false", f"out={tmp_path / 'F'}", "train.lr=0.01")
     pipeline.train(fresh)
     assert summary["resumed_from"] == 0
     assert_same_weights(tmp_path / "A" / "student", tmp_path / "F" / "student")
@@ -271,7 +271,7 @@ PLAIN_LOAD = textwrap.dedent("""
 
 
 def test_student_folder_loads_with_plain_transformers(cached, tmp_path):
-    recipe = cached("eval.baseline=false", f"out={tmp_path / 'run'}")
+    recipe = cached("train.baseline=false", f"out={tmp_path / 'run'}")
     pipeline.train(recipe)
     folder = tmp_path / "run" / "student"
     ids = [[5, 17, 42, 9, 3, 100, 7], [2, 8, 8, 30, 31, 32, 33]]
@@ -363,7 +363,7 @@ def test_student_from_teacher_rejects_bad_shapes(teacher, layers, size, field):
 
 def test_other_student_sources(cached, tmp_path, tiny_model_dir):
     """student.config (random init from the teacher's config with overrides) and student.model (a ready model)."""
-    recipe = cached("eval.baseline=false", f"out={tmp_path / 'cfg'}", "student.from_teacher=null",
+    recipe = cached("train.baseline=false", f"out={tmp_path / 'cfg'}", "student.from_teacher=null",
                     "student.config={num_hidden_layers: 1, intermediate_size: 16}")
     assert pipeline.train(recipe)["student"]["steps"] == 6
     student = sources.load_causal_lm(tmp_path / "cfg" / "student", device="cpu")
@@ -371,7 +371,7 @@ def test_other_student_sources(cached, tmp_path, tiny_model_dir):
     assert student.config.hidden_size == 32  # the rest of the teacher's config is kept
 
     # A ready student: the 1-layer model just trained, trained again from its saved folder.
-    recipe = cached("eval.baseline=false", f"out={tmp_path / 'ready'}", "student.from_teacher=null",
+    recipe = cached("train.baseline=false", f"out={tmp_path / 'ready'}", "student.from_teacher=null",
                     f"student.model={tmp_path / 'cfg' / 'student'}")
     assert pipeline.train(recipe)["student"]["steps"] == 6
     student = sources.load_causal_lm(tmp_path / "ready" / "student", device="cpu")
@@ -399,7 +399,7 @@ def test_second_train_is_skipped(cached, tmp_path, monkeypatch):
     monkeypatch.undo()
     # A changed training setting is not skipped.
     changed = pipeline.train(cached(f"out={tmp_path / 'run'}", "train.steps=3", "train.checkpoint_every=10",
-                                    "eval.baseline=false"))
+                                    "train.baseline=false"))
     assert not changed["student"].get("skipped")
     assert changed["student"]["steps"] == 3 and changed["student"]["resumed_from"] == 0
     assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"],
@@ -407,8 +407,8 @@ def test_second_train_is_skipped(cached, tmp_path, monkeypatch):
 
 
 def test_retrain_changed_recipe_in_same_out_dir(cached, tmp_path):
-    pipeline.train(cached(f"out={tmp_path / 'run'}", "eval.baseline=false"))
-    changed = pipeline.train(cached(f"out={tmp_path / 'run'}", "eval.baseline=false", "train.lr=0.01"))
+    pipeline.train(cached(f"out={tmp_path / 'run'}", "train.baseline=false"))
+    changed = pipeline.train(cached(f"out={tmp_path / 'run'}", "train.baseline=false", "train.lr=0.01"))
     assert changed["student"]["steps"] == 6 and changed["student"]["resumed_from"] == 0
 
 

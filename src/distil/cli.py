@@ -1,7 +1,8 @@
 """The `distil` command: one subcommand per stage, plus `run` which chains them.
 
-User mistakes (a `DistilError`) print as one line and exit with status 2; anything else is
-a bug and shows its traceback with --debug.
+User mistakes (a `DistilError`) print as one line and exit with status 2, and so do command-line
+mistakes (a misspelt command or option, an option without its value), which print the usage line
+first; anything else is a bug and shows its traceback with --debug.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import sys
 from typing import Optional
 
 import typer
+from typer import Abort, Exit
+from typer._click.exceptions import ClickException, UsageError  # typer vendors click; `click` itself never matches
 
 from distil.errors import DistilError
 
@@ -57,7 +60,7 @@ def generate(args: Optional[list[str]] = typer.Argument(None, help=RECIPE_HELP))
 @app.command()
 def train(args: Optional[list[str]] = typer.Argument(None, help=RECIPE_HELP),
           resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint.")):
-    """Train the student on the cached soft targets (and the cross-entropy baseline when eval.baseline is true).
+    """Train the student on the cached soft targets (and the cross-entropy baseline when train.baseline is true).
 
     Example: distil train recipes/quickstart.yaml train.steps=200 --resume
     """
@@ -256,13 +259,25 @@ def speculate(target: str = typer.Option(..., "--target", help="The large model 
                            engine=engine, prepack=prepack, draft_runtime=draft_runtime, device=device))
 
 
+def _usage_context():
+    """The click context of the (sub)command named on the command line, for its usage line: typer's
+    parser raises some usage errors (an option without its value) without one."""
+    from typer._click.utils import _detect_program_name
+
+    group = typer.main.get_command(app)
+    ctx = group.context_class(group, info_name=_detect_program_name())
+    name = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    sub = group.get_command(ctx, name) if name else None
+    return sub.context_class(sub, info_name=name, parent=ctx) if sub is not None else ctx
+
+
 def main() -> None:
     debug = "--debug" in sys.argv
     _state["recipe"] = None
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own bars say what is happening
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except DistilError as e:
         if debug:
             raise
@@ -281,18 +296,19 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    except Exception as e:  # click usage errors come through here with standalone_mode=False
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except (ClickException, Abort, Exit) as e:
+        # standalone_mode=False hands these to us; show them as click's standalone mode does.
+        if isinstance(e, ClickException):  # usage errors: usage line, hint, one error line; exit 2
+            if isinstance(e, UsageError) and e.ctx is None:
+                e.ctx = _usage_context()
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, Abort):
+            typer.echo("Aborted!", err=True)
             sys.exit(1)
-        raise
-
+        sys.exit(e.exit_code)
+    if isinstance(code, int):  # typer returns Exit's code (e.g. --help) instead of raising it
+        sys.exit(code)
 
 if __name__ == "__main__":
     main()

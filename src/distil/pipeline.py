@@ -37,7 +37,7 @@ def generate(recipe: Recipe) -> dict:
 
 
 def train(recipe: Recipe, resume: bool = False) -> dict:
-    """Train the student on the cached soft targets (and, with eval.baseline, the cross-entropy baseline).
+    """Train the student on the cached soft targets (and, with train.baseline, the cross-entropy baseline).
 
     Saves `<out>/student` (and `<out>/baseline`) as plain Hugging Face model folders. A run
     whose model folder already matches the recipe is skipped.
@@ -57,7 +57,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     rows, keys = checked_answers(recipe, train_ex, rows, keys)
     # The baseline is the same student trained on the teacher's text alone.
     baseline = recipe.train.model_copy(update={"mode": "sequence", "hidden": None})
-    runs = [("student", recipe.train, recipe.train.alpha)] + ([("baseline", baseline, 1.0)] if recipe.eval.baseline else [])
+    runs = [("student", recipe.train, recipe.train.alpha)] + ([("baseline", baseline, 1.0)] if recipe.train.baseline else [])
     out = recipe.out_dir
     summaries = {}
     teacher = None

@@ -69,7 +69,7 @@ def _recipe(tmp_path, model_dir, n_train: int, **top) -> Path:
     write_jsonl(data / "train.jsonl", [{"prompt": p} for p in prompts[:n_train]])
     write_jsonl(data / "eval.jsonl", [{"prompt": p} for p in prompts[n_train:]])
     recipe = tiny_recipe_dict(model_dir, tmp_path)
-    recipe["eval"]["baseline"] = False
+    recipe["train"]["baseline"] = False
     recipe.update(top)
     path = tmp_path / f"recipe-{n_train}.yaml"
     path.write_text(yaml.safe_dump(recipe))

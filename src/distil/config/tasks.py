@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from distil.config.recipe import GatedEval, Recipe, Section
+from distil.config.recipe import OUT_HELP, GatedEval, Recipe, Section
 
 
 class TaskExport(Section):
@@ -21,10 +21,12 @@ class TaskExport(Section):
 
 
 class _TaskRecipe(Section):
-    export: TaskExport = TaskExport()
-    out: str = "runs/task"
+    export: TaskExport = Field(TaskExport(), description="artifacts exported and scored at the end of "
+                                                         "`distil run`")
+    out: str = Field("runs/task", description=OUT_HELP)
     cache: str | None = Field(None, description="teacher cache directory (default: $DISTIL_HOME/teacher-cache)")
-    source: str | None = Field(None, exclude=True)
+    source: str | None = Field(None, exclude=True, description="not a YAML key: the recipe file, so relative "
+                                                               "data paths resolve against its folder")
 
     resolve = Recipe.resolve
     out_dir = Recipe.out_dir
@@ -35,13 +37,13 @@ class _TaskRecipe(Section):
 
 class FitConfig(Section):
     """How a classifier is trained (the teacher on hard labels, the student on soft + hard labels)."""
-    epochs: int = Field(5, gt=0)
-    batch_size: int = Field(128, gt=0)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(5, gt=0, description="passes over the training set")
+    batch_size: int = Field(128, gt=0, description="examples per optimizer step")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
     warmup: int = Field(50, ge=0, description="linear warmup steps, then cosine decay to 0")
-    max_grad_norm: float | None = Field(5.0, gt=0)
-    seed: int = 0
+    max_grad_norm: float | None = Field(5.0, gt=0, description="clip the gradient norm to this (null: no clipping)")
+    seed: int = Field(0, description="random seed: initialisation and batch order")
 
 
 class ClassifierTeacher(Section):
@@ -57,13 +59,17 @@ class ClassifierStudent(Section):
 
 
 class ClassificationData(Section):
-    train: str = Field(description=".npz (x, y), *-images-idx3-ubyte[.gz] (labels file beside it), or .jsonl")
-    eval: str
-    text_field: str = "text"
-    label_field: str = "label"
+    train: str = Field(description=".npz (x, y), *-images-idx3-ubyte[.gz] (labels file beside it), or .jsonl; "
+                                   "a relative path resolves against "
+                                  "the recipe file's folder, not the working directory")
+    eval: str = Field(description="held-out examples, in the same formats; a relative path resolves against "
+                                  "the recipe file's folder, not the working directory")
+    text_field: str = Field("text", description=".jsonl: the column holding the text")
+    label_field: str = Field("label", description=".jsonl: the column holding the label (an index or a "
+                                                  "class name)")
     classes: list[str] | None = Field(None, description="class names, in label order")
-    max_train: int | None = Field(None, gt=0)
-    max_eval: int | None = Field(None, gt=0)
+    max_train: int | None = Field(None, gt=0, description="use at most this many training examples")
+    max_eval: int | None = Field(None, gt=0, description="use at most this many held-out examples")
     max_length: int = Field(128, gt=0, description="tokens per text (text classification)")
 
 
@@ -74,21 +80,22 @@ class ClassificationTrain(FitConfig):
                                                           "(the teacher still learns from all of them)")
     checkpoint_every: int = Field(200, ge=0, description="save model, optimizer, scheduler and RNG every N steps "
                                                            "for `--resume` (0: never); not part of the fingerprint")
+    baseline: bool = Field(True, description="also train the student on hard labels alone, for comparison")
 
 
 class ClassificationEval(GatedEval):
-    baseline: bool = Field(True, description="also train the student on hard labels alone, for comparison")
-    batch_size: int = Field(256, gt=0)
-    calibration_bins: int = Field(15, gt=0)
+    batch_size: int = Field(256, gt=0, description="examples scored together")
+    calibration_bins: int = Field(15, gt=0, description="confidence bins of the expected calibration error")
 
 
 class ClassificationRecipe(_TaskRecipe):
-    task: Literal["classification"]
-    teacher: ClassifierTeacher
-    student: ClassifierStudent
-    data: ClassificationData
-    train: ClassificationTrain = ClassificationTrain()
-    eval: ClassificationEval = ClassificationEval()
+    """A recipe for `task: classification`: distil an image or text classifier on soft labels."""
+    task: Literal["classification"] = Field(description="must be given: it picks this schema")
+    teacher: ClassifierTeacher = Field(description="the classifier to distil from")
+    student: ClassifierStudent = Field(description="the smaller classifier")
+    data: ClassificationData = Field(description="the labelled examples")
+    train: ClassificationTrain = Field(ClassificationTrain(), description="how the student is trained")
+    eval: ClassificationEval = Field(ClassificationEval(), description="how the models are scored")
 
 
 # ----------------------------------------------------------------------------- embedding
@@ -99,44 +106,48 @@ class EmbeddingStudent(Section):
     hidden_size: int | None = Field(None, gt=0, description="narrower width: teacher weights projected onto "
                                                               "the top principal directions of its embeddings")
     intermediate_size: int | None = Field(None, gt=0, description="keep this many MLP neurons per layer")
-    num_attention_heads: int | None = Field(None, gt=0)
+    num_attention_heads: int | None = Field(None, gt=0, description="fewer attention heads (default: the "
+                                                                    "teacher's)")
 
 
 class EmbeddingData(Section):
-    train: str = Field(description="JSONL, CSV or Parquet; every text_fields value is a training sentence")
-    eval: str
-    text_fields: list[str] = Field(["text"], min_length=1)
+    train: str = Field(description="JSONL, CSV or Parquet; every text_fields value is a training sentence; "
+                                   "a relative path resolves against "
+                                  "the recipe file's folder, not the working directory")
+    eval: str = Field(description="held-out rows (JSONL, CSV or Parquet); a relative path resolves against "
+                                  "the recipe file's folder, not the working directory")
+    text_fields: list[str] = Field(["text"], min_length=1, description="columns whose texts are training sentences")
     query_field: str | None = Field(None, description="eval: retrieval query column (its document: document_field)")
-    document_field: str | None = None
+    document_field: str | None = Field(None, description="eval: retrieval document column (the query's match)")
     pair_fields: list[str] | None = Field(None, min_length=2, max_length=2, description="eval: a scored pair's two columns")
     score_field: str | None = Field(None, description="eval: the pair's human score (Spearman against it)")
     label_field: str | None = Field(None, description="eval: class column for kNN accuracy "
                                                                  "(of query_field's text, else text_fields[0]'s)")
-    max_train: int | None = Field(None, gt=0)
-    max_eval: int | None = Field(None, gt=0)
-    max_length: int = Field(128, gt=0)
+    max_train: int | None = Field(None, gt=0, description="use at most this many training rows")
+    max_eval: int | None = Field(None, gt=0, description="use at most this many held-out rows")
+    max_length: int = Field(128, gt=0, description="tokens per sentence")
 
 
 class EmbeddingTrain(Section):
-    epochs: int = Field(10, gt=0)
-    batch_size: int = Field(64, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup: int = Field(50, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    epochs: int = Field(10, gt=0, description="passes over the training sentences")
+    batch_size: int = Field(64, gt=0, description="sentences per optimizer step (the in-batch similarities' size)")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW's decoupled weight decay")
+    warmup: int = Field(50, ge=0, description="linear warmup steps, then cosine decay to 0")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm to this (null: no clipping)")
     mse: float = Field(1.0, ge=0, description="weight of MSE between student and teacher embeddings")
     cosine: float = Field(1.0, ge=0, description="weight of 1 - cosine(student, teacher)")
     similarity_kl: float = Field(1.0, ge=0, description="weight of KL between in-batch similarity distributions")
     temperature: float = Field(0.05, gt=0, description="scale of cosine similarities in the similarity KL")
-    seed: int = 0
+    seed: int = Field(0, description="random seed: initialisation and batch order")
     checkpoint_every: int = Field(200, ge=0, description="save model, optimizer, scheduler and RNG every N steps "
                                                            "for `--resume` (0: never); not part of the fingerprint")
 
 
 class EmbeddingEval(GatedEval):
-    batch_size: int = Field(64, gt=0)
-    recall_at: list[int] = Field([1, 5, 10], min_length=1)
-    knn: int = Field(5, gt=0)
+    batch_size: int = Field(64, gt=0, description="sentences encoded together")
+    recall_at: list[int] = Field([1, 5, 10], min_length=1, description="retrieval: the k of each recall@k reported")
+    knn: int = Field(5, gt=0, description="neighbours voting in kNN classification accuracy")
     speed_sentences: int = Field(512, gt=0, description="sentences encoded to time sentences/s")
 
 
@@ -145,12 +156,13 @@ class EmbeddingTeacher(Section):
 
 
 class EmbeddingRecipe(_TaskRecipe):
-    task: Literal["embedding"]
-    teacher: EmbeddingTeacher
-    student: EmbeddingStudent
-    data: EmbeddingData
-    train: EmbeddingTrain = EmbeddingTrain()
-    eval: EmbeddingEval = EmbeddingEval()
+    """A recipe for `task: embedding`: distil a sentence-embedding encoder."""
+    task: Literal["embedding"] = Field(description="must be given: it picks this schema")
+    teacher: EmbeddingTeacher = Field(description="the sentence encoder to distil from")
+    student: EmbeddingStudent = Field(description="the smaller encoder, built from the teacher")
+    data: EmbeddingData = Field(description="the sentences")
+    train: EmbeddingTrain = Field(EmbeddingTrain(), description="how the student is trained")
+    eval: EmbeddingEval = Field(EmbeddingEval(), description="how the models are scored")
 
 
 TASK_RECIPES = {"classification": ClassificationRecipe, "embedding": EmbeddingRecipe}

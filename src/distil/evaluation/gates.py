@@ -80,7 +80,7 @@ def check(gate: Gate, report: dict) -> dict:
     entry = metrics[gate.name]
     if gate.field in ("baseline", "student_minus_baseline") and entry.get("baseline") is None:
         raise DistilError(f"gate {gate.expr!r}: this report has no baseline for {gate.name} "
-                          "(eval.baseline trains one where the task has it)", field=FIELD)
+                          "(train.baseline trains one where the task has it)", field=FIELD)
     if gate.field != "student_minus_baseline":
         actual = _number(entry.get(gate.field))
         return {"expr": gate.expr, "passed": actual is not None and OPS[gate.op](actual, gate.threshold), "actual": actual}

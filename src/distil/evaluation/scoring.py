@@ -70,7 +70,7 @@ def evaluate_run(recipe, view, examples, rows: list[dict], teacher_rows: list[di
     cross = teacher_rows is not rows
     tokenizer = view.student_tokenizer
     pad_id = tokenizer.pad_token_id
-    names = ["student"] + (["baseline"] if recipe.eval.baseline and (out / "baseline").exists() else [])
+    names = ["student"] + (["baseline"] if recipe.train.baseline and (out / "baseline").exists() else [])
     if not (out / "student").exists():
         raise DistilError("no trained student found; run `distil train` first", file=str(out / "student"))
     references = [ex.reference for ex in examples]

@@ -62,7 +62,7 @@ def wrap_student(student, spec, adapter_dir: Path):
         import copy
 
         base = copy.deepcopy(student)
-    peft_model = wrap(student, spec.lora.r, spec.lora.alpha, spec.lora.target_modules, spec.lora.dropout)
+    peft_model = wrap(student, spec.lora.r, spec.lora.lora_alpha, spec.lora.target_modules, spec.lora.dropout)
     peft_model._distil_base = base  # saved next to the adapters by save_and_merge
     return peft_model
 

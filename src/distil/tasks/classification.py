@@ -4,7 +4,7 @@ Stages, as for causal LMs:
   generate  train the teacher on hard labels first when the recipe says so (cached by content),
             then store its logits for every train and held-out example in the teacher cache;
   train     the student on alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher || student) and,
-            with eval.baseline, the same student on hard labels alone;
+            with train.baseline, the same student on hard labels alone;
   evaluate  accuracy, macro-F1, expected calibration error, agreement with the teacher,
             parameters and examples/s for each model; report.json and report.html (confusion matrices).
 
@@ -269,10 +269,10 @@ def train(recipe: ClassificationRecipe, resume: bool = False) -> dict:
     soft = _cached_logits(recipe, train_split, held_out)["train"]
     s, cfg = recipe.student, recipe.train
     is_text = isinstance(train_split.x, dict)
-    runs = [("student", cfg.alpha)] + ([("baseline", 1.0)] if recipe.eval.baseline else [])
+    runs = [("student", cfg.alpha)] + ([("baseline", 1.0)] if recipe.train.baseline else [])
     summaries = {}
     for name, alpha in runs:
-        settings = cfg.model_dump(exclude={"checkpoint_every"} | ({"alpha", "temperature"} if alpha == 1.0 else set()))
+        settings = cfg.model_dump(exclude={"checkpoint_every", "baseline"} | ({"alpha", "temperature"} if alpha == 1.0 else set()))
         key = files.fingerprint(s.model_dump(), settings, alpha, train_split.digest(),
                                  files.tensor_digest(soft) if alpha < 1.0 else None)
         folder = recipe.out_dir / name

@@ -137,15 +137,15 @@ def train_student(student, rows: list[dict], cfg, *, pad_id: int, out_dir: Path,
         _check_hidden_layers(hidden.layers, student, teacher)
     if teacher is not None:
         teacher.to(accelerator.device).eval().requires_grad_(False)
-    loss_params = {"jsd": {"beta": cfg.beta}, "skew_kl": {"alpha": cfg.skew_alpha},
-                   "skew_reverse_kl": {"alpha": cfg.skew_alpha}}
+    loss_params = {"jsd": {"beta": cfg.beta}, "skew_kl": {"skew": cfg.skew},
+                   "skew_reverse_kl": {"skew": cfg.skew}}
     objective = DistillationObjective(
         student, alpha=alpha, temperature=cfg.temperature, loss=cfg.loss, loss_params=loss_params,
         hidden_pairs=hidden.layers if hidden else (), hidden_loss=hidden.loss if hidden else "mse",
         hidden_weight=hidden.weight if hidden else 1.0, teacher_width=teacher.config.hidden_size if hidden else None,
-        cross_tokenizer=getattr(cfg, "cross_tokenizer", None), uld_weight=getattr(cfg, "uld_weight", 1.0))
+        cross_tokenizer=cfg.cross_tokenizer, uld_weight=cfg.uld_weight)
     params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
         s, warmup=cfg.warmup, total=cfg.steps, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio))
     ckpt_dir = out_dir / "checkpoints" / run_name

@@ -137,12 +137,12 @@ def _jsd(log_t, log_s, *, beta: float):
     return beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
 
 
-def _skew_kl(log_t, log_s, *, alpha: float):
-    return _kl(log_t, _log_mix(log_t, log_s, alpha))
+def _skew_kl(log_t, log_s, *, skew: float):
+    return _kl(log_t, _log_mix(log_t, log_s, skew))
 
 
-def _skew_reverse_kl(log_t, log_s, *, alpha: float):
-    return _kl(log_s, _log_mix(log_s, log_t, alpha))
+def _skew_reverse_kl(log_t, log_s, *, skew: float):
+    return _kl(log_s, _log_mix(log_s, log_t, skew))
 
 
 def _tvd(log_t, log_s):
@@ -223,39 +223,39 @@ def jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta: flo
     return _dense(functools.partial(_jsd, beta=beta), student_logits, teacher_logits, temperature, mask, reduction)
 
 
-def skew_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, alpha: float = 0.1,
+def skew_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, skew: float = 0.1,
             temperature: float = 1.0, mask: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
-    """Skew forward KL (DistiLLM): KL(p_t || alpha * p_t + (1 - alpha) * p_s).
+    """Skew forward KL (DistiLLM): KL(p_t || skew * p_t + (1 - skew) * p_s).
 
     Mixing a little of p_t into the student side keeps the log finite where p_s is tiny,
-    so the value is bounded by -log(alpha). alpha = 0 is forward KL.
+    so the value is bounded by -log(skew). skew = 0 is forward KL.
 
     Args:
-        alpha: the teacher's weight in the mixture, in [0, 1) (at 1 the loss would be a constant 0).
+        skew: the teacher's weight in the mixture, in [0, 1) (at 1 the loss would be a constant 0).
         others: as `forward_kl`.
 
     Returns: as `forward_kl`.
     """
-    _check_weight("alpha", alpha, upper=")")
-    return _dense(functools.partial(_skew_kl, alpha=alpha), student_logits, teacher_logits, temperature, mask,
+    _check_weight("skew", skew, upper=")")
+    return _dense(functools.partial(_skew_kl, skew=skew), student_logits, teacher_logits, temperature, mask,
                   reduction)
 
 
-def skew_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, alpha: float = 0.1,
+def skew_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, skew: float = 0.1,
                     temperature: float = 1.0, mask: torch.Tensor | None = None,
                     reduction: str = "mean") -> torch.Tensor:
-    """Skew reverse KL (DistiLLM): KL(p_s || alpha * p_s + (1 - alpha) * p_t).
+    """Skew reverse KL (DistiLLM): KL(p_s || skew * p_s + (1 - skew) * p_t).
 
-    Bounded by -log(alpha). alpha = 0 is reverse KL.
+    Bounded by -log(skew). skew = 0 is reverse KL.
 
     Args:
-        alpha: the student's weight in the mixture, in [0, 1) (at 1 the loss would be a constant 0).
+        skew: the student's weight in the mixture, in [0, 1) (at 1 the loss would be a constant 0).
         others: as `forward_kl`.
 
     Returns: as `forward_kl`.
     """
-    _check_weight("alpha", alpha, upper=")")
-    return _dense(functools.partial(_skew_reverse_kl, alpha=alpha), student_logits, teacher_logits, temperature,
+    _check_weight("skew", skew, upper=")")
+    return _dense(functools.partial(_skew_reverse_kl, skew=skew), student_logits, teacher_logits, temperature,
                   mask, reduction)
 
 
@@ -362,34 +362,34 @@ def sparse_jsd(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logpro
 
 
 def sparse_skew_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                   tail_logprob: torch.Tensor, *, alpha: float = 0.1, temperature: float = 1.0,
+                   tail_logprob: torch.Tensor, *, skew: float = 0.1, temperature: float = 1.0,
                    mask: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
-    """KL(p_t || alpha * p_t + (1 - alpha) * p_s) over the k+1 buckets.
+    """KL(p_t || skew * p_t + (1 - skew) * p_s) over the k+1 buckets.
 
     Args:
-        alpha: the teacher's weight in the mixture, in [0, 1).
+        skew: the teacher's weight in the mixture, in [0, 1).
         others: as `sparse_forward_kl`.
 
     Returns: as `sparse_forward_kl`.
     """
-    _check_weight("alpha", alpha, upper=")")
-    return _sparse(functools.partial(_skew_kl, alpha=alpha), student_logits, topk_ids, topk_logprobs, tail_logprob,
+    _check_weight("skew", skew, upper=")")
+    return _sparse(functools.partial(_skew_kl, skew=skew), student_logits, topk_ids, topk_logprobs, tail_logprob,
                    temperature, mask, reduction)
 
 
 def sparse_skew_reverse_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                           tail_logprob: torch.Tensor, *, alpha: float = 0.1, temperature: float = 1.0,
+                           tail_logprob: torch.Tensor, *, skew: float = 0.1, temperature: float = 1.0,
                            mask: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
-    """KL(p_s || alpha * p_s + (1 - alpha) * p_t) over the k+1 buckets.
+    """KL(p_s || skew * p_s + (1 - skew) * p_t) over the k+1 buckets.
 
     Args:
-        alpha: the student's weight in the mixture, in [0, 1).
+        skew: the student's weight in the mixture, in [0, 1).
         others: as `sparse_forward_kl`.
 
     Returns: as `sparse_forward_kl`.
     """
-    _check_weight("alpha", alpha, upper=")")
-    return _sparse(functools.partial(_skew_reverse_kl, alpha=alpha), student_logits, topk_ids, topk_logprobs,
+    _check_weight("skew", skew, upper=")")
+    return _sparse(functools.partial(_skew_reverse_kl, skew=skew), student_logits, topk_ids, topk_logprobs,
                    tail_logprob, temperature, mask, reduction)
 
 
@@ -417,7 +417,7 @@ DIVERGENCES: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., torch.Te
 # The parameters each divergence takes beyond the shared ones, with their defaults.
 DIVERGENCE_PARAMS: dict[str, dict[str, float]] = {
     "forward_kl": {}, "reverse_kl": {}, "jsd": {"beta": 0.5},
-    "skew_kl": {"alpha": 0.1}, "skew_reverse_kl": {"alpha": 0.1}, "tvd": {},
+    "skew_kl": {"skew": 0.1}, "skew_reverse_kl": {"skew": 0.1}, "tvd": {},
 }
 
 
@@ -426,7 +426,7 @@ def divergence(name: str, **params: float) -> tuple[Callable[..., torch.Tensor],
 
     Args:
         name: a key of `DIVERGENCES`.
-        params: that divergence's own parameters (`beta` for jsd, `alpha` for the skew ones);
+        params: that divergence's own parameters (`beta` for jsd, `skew` for the skew ones);
             missing ones take their defaults, others are an error.
 
     Returns:
@@ -452,8 +452,8 @@ def _check_divergence(name: str, params: dict) -> None:
         raise ValueError(f"divergence {name!r} takes no parameter {sorted(unknown)}; its parameters: {allowed}")
     if "beta" in params:
         _check_weight("beta", params["beta"])
-    if "alpha" in params:
-        _check_weight("alpha", params["alpha"], upper=")")
+    if "skew" in params:
+        _check_weight("skew", params["skew"], upper=")")
 
 
 # --- chunked over tokens -----------------------------------------------------------------------------------
@@ -511,7 +511,7 @@ def chunked_divergence(hidden: torch.Tensor, lm_head_weight: torch.Tensor, lm_he
         hidden: (..., H) the student's final hidden states at the positions to score.
         lm_head_weight: (V, H) the student's LM head.
         lm_head_bias: (V,) or None.
-        name: a key of `DIVERGENCES`; `params` are its parameters (beta, alpha).
+        name: a key of `DIVERGENCES`; `params` are its parameters (beta, skew).
         temperature, mask, reduction: as in `forward_kl`; mask has the shape of hidden[..., 0].
         chunk_tokens: positions per chunk; smaller saves memory, larger runs fewer matmuls.
 

@@ -9,14 +9,17 @@ from distil.config.recipe import Recipe
 from distil.files import sha256_text, write_atomic
 
 # Settings the cross-entropy-only baseline ignores: changing them must not retrain it.
-DIVERGENCE_ONLY = ("alpha", "loss", "temperature", "beta", "skew_alpha", "mode", "lambda_", "hidden", "cross_tokenizer",
+DIVERGENCE_ONLY = ("alpha", "loss", "temperature", "beta", "skew", "mode", "lambda_", "hidden", "cross_tokenizer",
                     "uld_weight")
 
 
 def run_fingerprint(recipe: Recipe, keys: list[str], alpha: float) -> str:
     # Keys added for cross-tokenizer runs stay out while unset, so earlier runs keep their fingerprint.
-    unset = {k for k in ("cross_tokenizer", "uld_weight") if k not in recipe.train.model_fields_set}
-    train = recipe.train.model_dump(exclude=(set(DIVERGENCE_ONLY) if alpha == 1.0 else set()) | unset)
+    unset = {k for k in ("cross_tokenizer", "uld_weight", "adam_betas") if k not in recipe.train.model_fields_set}
+    # Whether the baseline is trained does not change how a run trains.
+    train = recipe.train.model_dump(exclude=(set(DIVERGENCE_ONLY) if alpha == 1.0 else set()) | unset | {"baseline"})
+    if "skew" in train:  # renamed from skew_alpha: earlier runs keep their fingerprint
+        train["skew_alpha"] = train.pop("skew")
     student = recipe.student.model_dump(exclude={"from_model"} if recipe.student.from_model is None else None)
     blob = json.dumps({"student": student, "train": train, "alpha": alpha,
                        "keys": sorted(keys)}, sort_keys=True)
