@@ -281,7 +281,7 @@ def test_embedding_end_to_end_save_and_reload(tmp_path, tiny_sentence_transforme
         "out": str(tmp_path / "out"), "cache": str(tmp_path / "cache")}))
     assert pipeline.generate(recipe)["generated"] > 0
     log = pipeline.train(recipe)["student"]
-    assert log["steps"] == 16 and np.isfinite(log["final_loss"])
+    assert log["steps"] == 16 and np.isfinite(log["final"]["loss"])
     report = pipeline.evaluate(recipe)
     s, t = report["models"]["student"], report["models"]["teacher"]
     assert s["params"] < t["params"]
@@ -317,12 +317,18 @@ def test_embedding_student_keeps_teacher_layers_when_width_is_kept(tiny_sentence
 
 def _killed_then_resumed(recipe, monkeypatch, kill_at: int) -> dict:
     """Train until the checkpoint of step `kill_at` is written, die there, then train again with resume."""
+    import distil.training.loop as loop
     from distil import pipeline
-    from distil.tasks import common
 
-    die_after_checkpoint(monkeypatch, common, kill_at, lambda: pipeline.train(recipe))
+    die_after_checkpoint(monkeypatch, loop, kill_at, lambda: pipeline.train(recipe))
     assert not (recipe.out_dir / "student").exists()
     return pipeline.train(recipe, resume=True)
+
+
+def _log(out: Path, name: str) -> list[dict]:
+    """The run's metrics log, without the timings."""
+    rows = [json.loads(line) for line in (out / "logs" / f"{name}.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]
 
 
 def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -350,9 +356,10 @@ def test_classification_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
     full = pipeline.train(runs["A"])["student"]
     assert full["steps"] == 16 and full["resumed_from"] == 0
     resumed = _killed_then_resumed(runs["B"], monkeypatch, kill_at=9)["student"]  # epoch 2, mid-way
-    assert resumed["resumed_from"] == 9 and resumed["final_loss"] == full["final_loss"]
+    assert resumed["resumed_from"] == 9 and resumed["final"]["loss"] == full["final"]["loss"]
     _assert_same_state(load_model(tmp_path / "A/student"), load_model(tmp_path / "B/student"))
-    log_a, log_b = ((tmp_path / n / "train_student.jsonl").read_text() for n in "AB")
+    log_a, log_b = (_log(tmp_path / n, "student") for n in "AB")
+    assert [r["step"] for r in log_b] == [16]  # logged every 20 steps and at the end
     assert log_a == log_b  # each logged step once, with the same losses
 
 
@@ -373,7 +380,7 @@ def test_embedding_resumed_run_equals_uninterrupted(tmp_path, tiny_sentence_tran
     full = pipeline.train(runs["A"])["student"]
     assert full["steps"] == 10
     resumed = _killed_then_resumed(runs["B"], monkeypatch, kill_at=6)["student"]
-    assert resumed["resumed_from"] == 6 and resumed["final_loss"] == full["final_loss"]
+    assert resumed["resumed_from"] == 6 and resumed["final"]["loss"] == full["final"]["loss"]
     _assert_same_state(SentenceTransformer(str(tmp_path / "A/student"), device="cpu"),
                        SentenceTransformer(str(tmp_path / "B/student"), device="cpu"))
     # without --resume, a fresh run starts over (and still ends the same)

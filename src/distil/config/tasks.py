@@ -36,10 +36,11 @@ class _TaskRecipe(Section):
 class FitConfig(Section):
     """How a classifier is trained (the teacher on hard labels, the student on soft + hard labels)."""
     epochs: int = Field(5, gt=0)
-    batch_size: int = Field(128, gt=0)
+    batch_size: int = Field(128, gt=0, description="examples per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches of batch_size accumulated per step (per process)")
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    warmup: int = Field(50, ge=0, description="linear warmup steps, then cosine decay to 0")
+    warmup: int = Field(50, ge=0, description="linear warmup steps (at most half the steps), then cosine decay to 0")
     max_grad_norm: float | None = Field(5.0, gt=0)
     seed: int = 0
 
@@ -119,7 +120,8 @@ class EmbeddingData(Section):
 
 class EmbeddingTrain(Section):
     epochs: int = Field(10, gt=0)
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0, description="sentences per micro-batch (also the in-batch similarity KL's batch)")
+    grad_accum: int = Field(1, gt=0, description="micro-batches of batch_size accumulated per step (per process)")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup: int = Field(50, ge=0)
