@@ -289,7 +289,7 @@ def test_embedding_end_to_end_save_and_reload(tmp_path, tiny_sentence_transforme
         "out": str(tmp_path / "out"), "cache": str(tmp_path / "cache")}))
     assert pipeline.generate(recipe)["generated"] > 0
     log = pipeline.train(recipe)["student"]
-    assert log["steps"] == 16 and np.isfinite(log["final_loss"])
+    assert log["steps"] == 16 and np.isfinite(log["final"]["loss"])
     report = pipeline.evaluate(recipe)
     assert_valid_report(report)
     assert report["models"]["student"]["params"] < report["models"]["teacher"]["params"]
@@ -328,12 +328,18 @@ def test_embedding_student_keeps_teacher_layers_when_width_is_kept(tiny_sentence
 
 def _killed_then_resumed(recipe, monkeypatch, kill_at: int) -> dict:
     """Train until the checkpoint of step `kill_at` is written, die there, then train again with resume."""
+    import distil.training.loop as loop
     from distil import pipeline
-    from distil.tasks import common
 
-    die_after_checkpoint(monkeypatch, common, kill_at, lambda: pipeline.train(recipe))
+    die_after_checkpoint(monkeypatch, loop, kill_at, lambda: pipeline.train(recipe))
     assert not (recipe.out_dir / "student").exists()
     return pipeline.train(recipe, resume=True)
+
+
+def _log(out: Path, name: str) -> list[dict]:
+    """The run's metrics log, without the timings."""
+    rows = [json.loads(line) for line in (out / "logs" / f"{name}.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]
 
 
 def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -361,9 +367,10 @@ def test_classification_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
     full = pipeline.train(runs["A"])["student"]
     assert full["steps"] == 16 and full["resumed_from"] == 0
     resumed = _killed_then_resumed(runs["B"], monkeypatch, kill_at=9)["student"]  # epoch 2, mid-way
-    assert resumed["resumed_from"] == 9 and resumed["final_loss"] == full["final_loss"]
+    assert resumed["resumed_from"] == 9 and resumed["final"]["loss"] == full["final"]["loss"]
     _assert_same_state(load_model(tmp_path / "A/student"), load_model(tmp_path / "B/student"))
-    log_a, log_b = ((tmp_path / n / "train_student.jsonl").read_text() for n in "AB")
+    log_a, log_b = (_log(tmp_path / n, "student") for n in "AB")
+    assert [r["step"] for r in log_b] == [16]  # logged every 20 steps and at the end
     assert log_a == log_b  # each logged step once, with the same losses
 
 
@@ -384,7 +391,7 @@ def test_embedding_resumed_run_equals_uninterrupted(tmp_path, tiny_sentence_tran
     full = pipeline.train(runs["A"])["student"]
     assert full["steps"] == 10
     resumed = _killed_then_resumed(runs["B"], monkeypatch, kill_at=6)["student"]
-    assert resumed["resumed_from"] == 6 and resumed["final_loss"] == full["final_loss"]
+    assert resumed["resumed_from"] == 6 and resumed["final"]["loss"] == full["final"]["loss"]
     _assert_same_state(SentenceTransformer(str(tmp_path / "A/student"), device="cpu"),
                        SentenceTransformer(str(tmp_path / "B/student"), device="cpu"))
     # without --resume, a fresh run starts over (and still ends the same)
@@ -574,3 +581,78 @@ def test_a_task_without_its_extra_installed_says_which_to_install(monkeypatch):
     with pytest.raises(DistilError) as e:
         tasks.require_extra("embedding")
     assert "scipy" in str(e.value) and "distil[tasks]" in str(e.value) and "task" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- the shared loop
+
+TASK_WORKER = """
+import sys
+import torch
+from accelerate import PartialState
+from safetensors.torch import save_file
+from distil.config.tasks import ClassificationTrain
+from distil.tasks import common, factory
+from distil.tasks.losses import soft_label_kd
+
+out, batch_size, grad_accum, processes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(0)
+x, soft, y = torch.randn(48, 16, generator=g), torch.randn(48, 3, generator=g), torch.randint(0, 3, (48,), generator=g)
+torch.manual_seed(0)
+model = factory.build("factory:mlp", 3, {"in_features": 16, "hidden": [8]})
+cfg = ClassificationTrain(epochs=2, batch_size=batch_size, grad_accum=grad_accum, lr=1e-2, warmup=2, temperature=2.0)
+
+def mean_loss(idx, device):
+    return soft_label_kd(model(x[idx].to(device)), soft[idx].to(device), y[idx].to(device),
+                         temperature=cfg.temperature, alpha=cfg.alpha)
+
+summary = common.train_examples(model, mean_loss, len(y), cfg, out_dir=__import__("pathlib").Path(out), name="s")
+assert PartialState().num_processes == processes
+assert summary["steps"] == 12 and summary["examples"] == 2 * 48, summary
+if PartialState().is_main_process:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out + "/weights.safetensors")
+"""
+
+
+def _task_run(tmp_path, name: str, batch_size: int, grad_accum: int, processes: int = 1) -> dict[str, torch.Tensor]:
+    """The worker above trained in `processes` processes (torchrun, gloo on CPU); rank 0's weights."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    import distil
+
+    worker, out = tmp_path / "worker.py", tmp_path / name
+    worker.write_text(TASK_WORKER)
+    out.mkdir()
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
+    proc = subprocess.run([sys.executable, *launch, str(worker), str(out), str(batch_size), str(grad_accum),
+                           str(processes)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1",  # this checkout's distil in the worker too
+                               "PYTHONPATH": os.pathsep.join([str(Path(distil.__file__).parents[1]),
+                                                              os.environ.get("PYTHONPATH", "")])})
+    assert proc.returncode == 0, proc.stderr[-8000:]
+    return load_file(str(out / "weights.safetensors"))
+
+
+def test_task_grad_accumulation_takes_the_same_step(tmp_path):
+    """Batch 8 equals two accumulated micro-batches of 4: the same 8 examples a step (48 examples,
+    a multiple of 8, so each epoch's micro-batches line up), summed and divided by 8."""
+    one, accumulated = _task_run(tmp_path, "b8", 8, 1), _task_run(tmp_path, "b4x2", 4, 2)
+    for name in one:
+        torch.testing.assert_close(accumulated[name], one[name], atol=1e-6, rtol=1e-5, msg=name)
+    torch.manual_seed(0)
+    from distil.tasks import factory
+    fresh = factory.build("factory:mlp", 3, {"in_features": 16, "hidden": [8]}).state_dict()
+    assert not torch.equal(fresh["1.weight"], one["1.weight"]), "training must change the weights"
+
+
+@pytest.mark.slow
+def test_task_two_process_data_parallel_equals_one_process(tmp_path):
+    """Two processes with a micro-batch of 4 each equal one process accumulating two of 4."""
+    single, ddp = _task_run(tmp_path, "single", 4, 2), _task_run(tmp_path, "ddp", 4, 1, processes=2)
+    assert single.keys() == ddp.keys()
+    for name in single:
+        torch.testing.assert_close(ddp[name], single[name], atol=1e-5, rtol=1e-4, msg=name)

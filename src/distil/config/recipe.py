@@ -17,6 +17,11 @@ from distil.config.keys import locate_error
 from distil.errors import DistilError
 
 
+# AdamW's (beta1, beta2), a key of every task's train section
+AdamBetas = tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]]
+ADAM_BETAS_HELP = "AdamW's [beta1, beta2]: decay rates of the gradient's running mean and of its square's"
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
@@ -191,9 +196,7 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
-    adam_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
-        (0.9, 0.95), description="AdamW's [beta1, beta2]: decay rates of the gradient's running mean and of "
-                                 "its square's")
+    adam_betas: AdamBetas = Field((0.9, 0.95), description=ADAM_BETAS_HELP)
     warmup: int = Field(10, ge=0, description="linear warmup steps")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate decay after "
                                                                                     "warmup")

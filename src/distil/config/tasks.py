@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from distil.config.recipe import OUT_HELP, GatedEval, Recipe, Section
+from distil.config.recipe import ADAM_BETAS_HELP, OUT_HELP, AdamBetas, GatedEval, Recipe, Section
 
 
 class TaskExport(Section):
@@ -38,10 +38,12 @@ class _TaskRecipe(Section):
 class FitConfig(Section):
     """How a classifier is trained (the teacher on hard labels, the student on soft + hard labels)."""
     epochs: int = Field(5, gt=0, description="passes over the training set")
-    batch_size: int = Field(128, gt=0, description="examples per optimizer step")
+    batch_size: int = Field(128, gt=0, description="examples per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches of batch_size accumulated per step (per process)")
     lr: float = Field(2e-3, gt=0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
-    warmup: int = Field(50, ge=0, description="linear warmup steps, then cosine decay to 0")
+    adam_betas: AdamBetas = Field((0.9, 0.999), description=ADAM_BETAS_HELP)
+    warmup: int = Field(50, ge=0, description="linear warmup steps (at most half the steps), then cosine decay to 0")
     max_grad_norm: float | None = Field(5.0, gt=0, description="clip the gradient norm to this (null: no clipping)")
     seed: int = Field(0, description="random seed: initialisation and batch order")
 
@@ -130,10 +132,12 @@ class EmbeddingData(Section):
 
 class EmbeddingTrain(Section):
     epochs: int = Field(10, gt=0, description="passes over the training sentences")
-    batch_size: int = Field(64, gt=0, description="sentences per optimizer step (the in-batch similarities' size)")
+    batch_size: int = Field(64, gt=0, description="sentences per micro-batch (also the in-batch similarity KL's batch)")
+    grad_accum: int = Field(1, gt=0, description="micro-batches of batch_size accumulated per step (per process)")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.01, ge=0, description="AdamW's decoupled weight decay")
-    warmup: int = Field(50, ge=0, description="linear warmup steps, then cosine decay to 0")
+    adam_betas: AdamBetas = Field((0.9, 0.999), description=ADAM_BETAS_HELP)
+    warmup: int = Field(50, ge=0, description="linear warmup steps (at most half the steps), then cosine decay to 0")
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm to this (null: no clipping)")
     mse: float = Field(1.0, ge=0, description="weight of MSE between student and teacher embeddings")
     cosine: float = Field(1.0, ge=0, description="weight of 1 - cosine(student, teacher)")

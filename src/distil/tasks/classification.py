@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,11 +225,15 @@ def teacher(recipe: ClassificationRecipe, train: Split) -> tuple[torch.nn.Module
         return load_model(folder, is_text), folder.name
     torch.manual_seed(t.train.seed)
     model = build_model(t.model, t.args, None, len(train.classes), is_text)
-    fit_cfg = t.train.model_dump()
-    summary = common.fit(model, lambda idx: F.cross_entropy(logits_of(model, train.take(idx)), train.y[idx]),
-                         len(train), name="teacher", **fit_cfg)
+
+    def mean_loss(idx, device):
+        return F.cross_entropy(logits_of(model, common.to_device(train.take(idx), device)), train.y[idx].to(device))
+
+    work = folder.with_name(f"{folder.name}.work")  # the loop's log and fingerprint; no checkpoints
+    summary = common.train_examples(model, mean_loss, len(train), t.train, out_dir=work, name="teacher")
     save_model(model, folder, t.model, t.args, len(train.classes), {"summary": summary})
-    return model.eval(), folder.name
+    shutil.rmtree(work, ignore_errors=True)
+    return model, folder.name
 
 
 def _soft_label_path(recipe: ClassificationRecipe, identity: str, train: Split, held_out: Split) -> Path:
@@ -283,17 +288,13 @@ def train(recipe: ClassificationRecipe, resume: bool = False) -> dict:
         torch.manual_seed(cfg.seed)
         model = build_model(s.model, s.args, s.config, len(train_split.classes), is_text)
 
-        def loss_fn(idx, model=model, alpha=alpha):
-            return soft_label_kd(logits_of(model, train_split.take(idx)), soft[idx], train_split.y[idx],
-                                 temperature=cfg.temperature, alpha=alpha)
+        def mean_loss(idx, device, model=model, alpha=alpha):
+            return soft_label_kd(logits_of(model, common.to_device(train_split.take(idx), device)), soft[idx].to(device),
+                                 train_split.y[idx].to(device), temperature=cfg.temperature, alpha=alpha)
 
-        recipe.out_dir.mkdir(parents=True, exist_ok=True)
         n = min(cfg.examples or len(train_split), len(train_split))
-        summary = common.fit(model, loss_fn, n, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                             weight_decay=cfg.weight_decay, warmup=cfg.warmup, max_grad_norm=cfg.max_grad_norm,
-                             seed=cfg.seed, name=name, log_path=recipe.out_dir / f"train_{name}.jsonl",
-                             checkpoints=recipe.out_dir / "checkpoints" / name, checkpoint_every=cfg.checkpoint_every,
-                             resume=resume, fingerprint=key)
+        summary = common.train_examples(model, mean_loss, n, cfg, out_dir=recipe.out_dir, name=name,
+                                        checkpoint_every=cfg.checkpoint_every, resume=resume, fingerprint=key)
         summary["alpha"] = alpha
         save_model(model, folder, s.model, s.args, len(train_split.classes), {"fingerprint": key, "summary": summary},
                    tokenizer=text_tokenizer(recipe) if is_text else None)

@@ -1,21 +1,21 @@
-"""Pieces the classification and embedding tasks share: tensor cache files, a small training
-loop with warmup + cosine decay and a progress bar, fingerprints and atomic writes."""
+"""Pieces the classification and embedding tasks share: tensor cache files, and training a model
+on examples with the shared loop (`distil.training.loop.Loop`)."""
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import get_cosine_schedule_with_warmup
+from torch import nn
 
 from distil.files import write_atomic
 from distil.progress import progress_bar
+from distil.training.loop import Loop, LoopSettings
+
+LOG_EVERY = 20  # steps between lines of <out>/logs/<run>.jsonl
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -26,110 +26,55 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def batches(n: int, batch_size: int, *, seed: int, epoch: int) -> Iterator[torch.Tensor]:
-    """Index batches of one epoch, shuffled by (seed, epoch) alone, so runs are reproducible."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(n, generator=g)
-    for i in range(0, n, batch_size):
-        yield order[i: i + batch_size]
+def to_device(x, device: torch.device):
+    """A tensor, or a dict's tensors, on `device`."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in x.items()}
 
 
-def fit(model: torch.nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor], n: int, *, epochs: int,
-        batch_size: int, lr: float, weight_decay: float, warmup: int, max_grad_norm: float | None, seed: int,
-        name: str, log_path: Path | None = None, checkpoints: Path | None = None, checkpoint_every: int = 0,
-        resume: bool = False, fingerprint: str = "") -> dict:
-    """Train `model` for `epochs` over `n` examples; `loss_fn(index_batch)` returns the batch's loss.
+class ExampleObjective(nn.Module):
+    """A task model for the loop: `forward(idx)` returns (the loss summed over examples idx,).
 
-    AdamW, linear warmup then cosine decay to zero; a progress bar; one JSON line per logged
-    step in `log_path`. With `checkpoints` (a folder) and `checkpoint_every` > 0, the model,
-    optimizer, scheduler, RNG state and step are saved every `checkpoint_every` steps
-    (`distil.training.loop.save_checkpoint`); `resume` continues from the newest one written for the
-    same `fingerprint`, and ends with the weights an uninterrupted run would have.
-    Returns {steps, resumed_from, seconds, final_loss}.
+    `mean_loss(idx, device)` is the task's per-example mean loss on examples idx (their inputs
+    moved to `device`, where the model is); times len(idx) it is a sum, which the loop divides
+    by the global batch's example count.
     """
-    from distil.training.loop import truncate_log
 
-    torch.manual_seed(seed)
-    per_epoch = math.ceil(n / batch_size)
-    steps = epochs * per_epoch
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    sched = get_cosine_schedule_with_warmup(opt, min(warmup, steps // 2), steps)
-    start, ema = 0, None
-    if checkpoints is not None:
-        start, ema = _restore(checkpoints, model, opt, sched, resume=resume, fingerprint=fingerprint)
-    if log_path and start:
-        truncate_log(log_path, start)
-    elif log_path:
-        log_path.unlink(missing_ok=True)
-    model.train()
-    t0 = time.time()
-    log = open(log_path, "a") if log_path else None
-    try:
-        with progress_bar() as bar:
-            task = bar.add_task(f"train {name}", total=steps, completed=start, status="")
-            for epoch in range(start // per_epoch, epochs):
-                for j, idx in enumerate(batches(n, batch_size, seed=seed, epoch=epoch)):
-                    step = epoch * per_epoch + j
-                    if step < start:
-                        continue
-                    loss = loss_fn(idx)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-                    opt.step()
-                    sched.step()
-                    step += 1
-                    value = float(loss.detach())
-                    ema = value if ema is None else 0.95 * ema + 0.05 * value
-                    if log and (step % 20 == 0 or step == steps):
-                        log.write(json.dumps({"step": step, "epoch": epoch, "loss": value, "lr": sched.get_last_lr()[0]}) + "\n")
-                        log.flush()
-                    if checkpoints is not None and checkpoint_every and step % checkpoint_every == 0 and step < steps:
-                        _save_checkpoint(checkpoints, step, model, opt, sched, ema)
-                    bar.update(task, advance=1, status=f"loss {ema:.4f}")
-    finally:
-        if log:
-            log.close()
-    model.eval()
-    return {"steps": steps, "resumed_from": start, "seconds": round(time.time() - t0, 1),
-            "final_loss": round(ema or 0.0, 5)}
+    def __init__(self, model: nn.Module, mean_loss: Callable[[torch.Tensor, torch.device], torch.Tensor]):
+        super().__init__()
+        self.model, self.mean_loss = model, mean_loss
+
+    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor]:
+        device = next(self.model.parameters()).device
+        return (self.mean_loss(idx, device) * len(idx),)
 
 
-def _save_checkpoint(folder: Path, step: int, model: torch.nn.Module, opt, sched, ema: float) -> None:
-    from safetensors.torch import save_model
+def train_examples(model: nn.Module, mean_loss: Callable[[torch.Tensor, torch.device], torch.Tensor], n: int, cfg, *,
+                   out_dir: Path, name: str, checkpoint_every: int = 0, resume: bool = False,
+                   fingerprint: str = "") -> dict:
+    """Train `model` in place for `cfg.epochs` passes over examples 0..n-1 (see ExampleObjective).
 
-    from distil.training.loop import save_checkpoint
-
-    def write_model(tmp: Path):
-        tmp.mkdir(parents=True)
-        save_model(model, str(tmp / "model.safetensors"))  # handles shared (tied) tensors
-
-    save_checkpoint(folder, step, write_model, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                                "torch_rng": torch.get_rng_state(), "ema": ema})
-
-
-def _restore(folder: Path, model: torch.nn.Module, opt, sched, *, resume: bool, fingerprint: str) -> tuple[int, float | None]:
-    """(step, loss average) of the newest checkpoint in `folder` for this `fingerprint`, loaded into
-    model/opt/sched, or (0, None) after clearing the folder when not resuming (or it was another run's)."""
-    from safetensors.torch import load_model
-
-    from distil.training.loop import latest_checkpoint
-
-    stamp = folder / "fingerprint.txt"
-    same_run = stamp.exists() and stamp.read_text() == fingerprint
-    found = latest_checkpoint(folder) if resume and same_run else None
-    if found is None:
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        stamp.write_text(fingerprint)
-        return 0, None
-    load_model(model, str(found / "model.safetensors"))
-    state = torch.load(found / "train_state.pt", weights_only=True)
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    return state["step"], state["ema"]
+    Each epoch is a shuffle by (seed, epoch) cut into micro-batches of cfg.batch_size (the last
+    one smaller); a step takes cfg.grad_accum of them per process, so an epoch is
+    ceil(n / batch_size) / (grad_accum * processes) steps. Warmup (at most half the steps) then
+    cosine decay to 0. Checkpoints every `checkpoint_every` steps (0: never) under
+    `out_dir/checkpoints/<name>/`, metrics in `out_dir/logs/<name>.jsonl`. The model ends on the CPU,
+    in eval mode. Returns the loop's summary.
+    """
+    loop = Loop(cfg.seed)
+    micro_batches = cfg.epochs * math.ceil(n / cfg.batch_size)
+    steps = math.ceil(micro_batches / (cfg.grad_accum * loop.world))
+    settings = LoopSettings(steps=steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr,
+                            weight_decay=cfg.weight_decay, warmup=min(cfg.warmup, steps // 2),
+                            max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, log_every=LOG_EVERY,
+                            checkpoint_every=checkpoint_every, adam_betas=tuple(cfg.adam_betas), drop_last=False)
+    with progress_bar() as bar:
+        summary = loop.run(ExampleObjective(model, mean_loss), lambda step, micro, idx: (torch.tensor(idx), len(idx)),
+                           n, settings, out_dir=out_dir, run_name=name, resume=resume, fingerprint=fingerprint,
+                           progress=bar)
+    model.cpu().eval()
+    return summary
 
 
 def parameter_count(model: torch.nn.Module) -> int:

@@ -244,17 +244,13 @@ def train(recipe: EmbeddingRecipe, resume: bool = False) -> dict:
     student = build_student(teacher, recipe.student)
     del teacher
 
-    def loss_fn(idx):
-        features = student.preprocess([sentences[i] for i in idx])
+    def mean_loss(idx, device):
+        features = common.to_device(student.preprocess([sentences[i] for i in idx]), device)
         emb = student(features)["sentence_embedding"]
-        return embedding_loss(emb, target[idx], cfg)
+        return embedding_loss(emb, target[idx].to(device), cfg)
 
-    recipe.out_dir.mkdir(parents=True, exist_ok=True)
-    summary = common.fit(student, loss_fn, len(sentences), epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                         weight_decay=cfg.weight_decay, warmup=cfg.warmup, max_grad_norm=cfg.max_grad_norm,
-                         seed=cfg.seed, name="student", log_path=recipe.out_dir / "train_student.jsonl",
-                         checkpoints=recipe.out_dir / "checkpoints" / "student",
-                         checkpoint_every=cfg.checkpoint_every, resume=resume, fingerprint=key)
+    summary = common.train_examples(student, mean_loss, len(sentences), cfg, out_dir=recipe.out_dir, name="student",
+                                    checkpoint_every=cfg.checkpoint_every, resume=resume, fingerprint=key)
 
     def write(tmp: Path):
         student.save(str(tmp))
