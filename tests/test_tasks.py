@@ -167,8 +167,9 @@ def test_classification_end_to_end_save_and_reload(tmp_path):
     assert metrics["teacher_agreement"]["teacher"] == 1.0 and report["compression"] > 1
     assert np.array(report["confusion"]["student"]).sum() == 90
     html = (tmp_path / "out/report.html").read_text()
-    # one confusion matrix per model and one bar chart per metric, as on every report card
-    assert "Confusion matrices" in html and html.count("data:image/png;base64") == 3 + len(metrics)
+    # one confusion matrix per model, one bar chart per metric and the loss curves, as on every report card
+    assert "Confusion matrices" in html and "<h2>Training</h2>" in html
+    assert html.count("data:image/png;base64") == 3 + len(metrics) + 1
     assert json.loads((tmp_path / "out/report.json").read_text())["task"] == "classification"
 
     # a saved student reloads (safetensors, no pickle) and gives the same logits

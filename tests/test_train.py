@@ -422,7 +422,7 @@ def test_objective_uses_the_recipe_divergence(tiny_model_dir, loss):
     prompts = [[5, 6, 7], [8, 9, 10, 11]]
     rows = [g.__dict__ for g in generate_batch(model, prompts, pad_id=0, stop_ids={3}, max_new_tokens=5, top_k=4)]
     batch = collate(rows, 0)
-    params = {"jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}}.get(loss, {})
+    params = {"jsd": {"beta": 0.3}, "skew_kl": {"skew": 0.2}}.get(loss, {})
     objective = DistillationObjective(model, alpha=0.25, temperature=1.5, loss=loss, loss_params={loss: params})
     with torch.no_grad():
         total, ce, kd, _ = objective(batch)
