@@ -180,6 +180,11 @@ def test_classification_end_to_end_save_and_reload(tmp_path):
     assert torch.equal(first, again)
     acc = float((first.argmax(-1) == held_out.y).float().mean())
     assert acc == pytest.approx(report["metrics"]["accuracy"]["student"])
+    teacher_logits, _ = predict(load_model(report["models"]["teacher"]["path"]), held_out, 64)
+    agreement = float((first.argmax(-1) == teacher_logits.argmax(-1)).float().mean())
+    assert agreement == pytest.approx(report["metrics"]["teacher_agreement"]["student"])
+    gap = report["metrics"]["teacher_agreement"]["student_minus_baseline"]
+    assert gap["ci95"][0] <= gap["value"] <= gap["ci95"][1]
 
 
 def test_classification_with_hugging_face_image_classifiers(tmp_path):

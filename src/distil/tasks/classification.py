@@ -354,12 +354,12 @@ def evaluate(recipe: ClassificationRecipe) -> dict:
     if "student" not in roles:
         raise DistilError("no trained student; run `distil train` first", file=str(recipe.out_dir / "student"))
     values, models, confusion, per_row = {}, {}, {}, {}
-    teacher_pred = None
+    teacher_logits = None
     for role, m in roles.items():
         logits, per_s = predict(m, held_out, recipe.eval.batch_size)
-        pred = logits.argmax(-1)
-        teacher_pred = pred if role == "teacher" else teacher_pred
-        values[role] = classification_metrics(logits, held_out.y, None if role == "teacher" else teacher_pred,
+        teacher_logits = logits if role == "teacher" else teacher_logits
+        pred, teacher_pred = logits.argmax(-1), teacher_logits.argmax(-1)
+        values[role] = classification_metrics(logits, held_out.y, None if role == "teacher" else teacher_logits,
                                               recipe.eval.calibration_bins)
         values[role].setdefault("teacher_agreement", 1.0)
         per_row[role] = [{"n": 1, "correct": float(c), "agree": float(a)}
