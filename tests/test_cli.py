@@ -48,3 +48,12 @@ def test_abort_and_exit(raised, code, err, monkeypatch, capsys):
         cli.main()
     assert exit_info.value.code == code
     assert capsys.readouterr().err.strip() == err
+
+
+def test_a_malformed_gate_exits_2_before_any_work(tmp_path):
+    proc = run_cli("eval", f"out={tmp_path / 'out'}", "--gate", "top1_agreement.mean >= 1", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: field \"--gate\": bad gate 'top1_agreement.mean >= 1': unknown field 'mean' "
+        "(one of teacher, student, baseline, retention, student_minus_baseline)"]
+    assert not (tmp_path / "out").exists()

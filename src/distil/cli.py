@@ -74,11 +74,15 @@ GATE_HELP = ("A check on the report card, added to the recipe's eval.gates, e.g.
 
 
 def _gated(recipe, extra: Optional[list[str]]):
-    """The recipe with the command line's gates added to eval.gates, every gate checked for its form first."""
-    from distil.evaluation.gates import parse_all
+    """The recipe with the command line's gates added to eval.gates (the stage checks their form before any work)."""
+    from distil.evaluation.gates import parse
 
+    for expr in extra or []:  # a bad --gate is named as such, not as a line of the recipe file
+        try:
+            parse(expr)
+        except DistilError as e:
+            raise DistilError(e.message, field="--gate") from None
     exprs = list(recipe.eval.gates) + list(extra or [])
-    parse_all(exprs)
     return recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"gates": exprs})})
 
 
@@ -281,7 +285,7 @@ def main() -> None:
     except DistilError as e:
         if debug:
             raise
-        if _state.get("recipe") is not None:
+        if _state.get("recipe") is not None and not (e.field or "").startswith("--"):  # a command-line option, not a recipe key
             e = _state["recipe"].locate(e)
         typer.echo(f"error: {e.one_line()}", err=True)
         sys.exit(2)
