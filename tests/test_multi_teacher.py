@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -61,8 +60,14 @@ def categorized(tmp_path):
     return data
 
 
+def exact_cache(data: dict) -> dict:
+    """These tests check the mixtures' arithmetic to 1e-5: the cache keeps float32 soft targets."""
+    data.setdefault("generate", {})["cache_format"] = "float32"
+    return data
+
+
 def multi_recipe(tmp_path, first, second, mode="route", name="multi.yaml", **extra) -> str:
-    data = tiny_recipe_dict(first, tmp_path)
+    data = exact_cache(tiny_recipe_dict(first, tmp_path))
     del data["teacher"]
     if mode == "route":
         data["teachers"] = [{"name": "a", "model": str(first), "when": {"category": ["science", "food"]}},
@@ -78,7 +83,7 @@ def multi_recipe(tmp_path, first, second, mode="route", name="multi.yaml", **ext
 
 
 def single_recipe(tmp_path, model, name: str, cache: str) -> str:
-    data = tiny_recipe_dict(model, tmp_path)
+    data = exact_cache(tiny_recipe_dict(model, tmp_path))
     data["cache"] = str(tmp_path / cache)
     path = tmp_path / name
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -86,7 +91,7 @@ def single_recipe(tmp_path, model, name: str, cache: str) -> str:
 
 
 def cache_rows(cache_dir) -> list[dict]:
-    return [r for shard in TeacherCache(cache_dir).shards() for r in pq.read_table(shard).to_pylist()]
+    return list(TeacherCache(cache_dir).read().values())
 
 
 # --- routing -----------------------------------------------------------------------------------

@@ -170,6 +170,9 @@ class GenerateConfig(Section):
     top_k: int = Field(32, gt=0, description="teacher log-probs kept per generated token")
     batch_size: int = Field(64, gt=0, description="prompts the teacher answers together")
     seed: int = Field(0, description="do_sample: random seed")
+    cache_format: Literal["compact", "float32"] = Field(
+        "compact", description="how new cache rows store the soft targets: compact (8-bit log-prob steps, "
+                               "float16, about 90 bytes per token at top-32) or float32 (exact, about 260)")
     explain: bool = Field(False, description="explanation tuning: ask the teacher for step-by-step reasoning "
                                              "(explain_prompt as its system prompt); the student learns the "
                                              "rationale and answer from the plain prompt")

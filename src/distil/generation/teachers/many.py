@@ -224,7 +224,7 @@ def generate_many(recipe, examples: list[Example]) -> dict:
 
 def _score_ensemble(recipe, teachers: Teachers, examples: list[Example]) -> dict:
     """Every member scores the first teacher's cached text; the averaged distributions become cache rows."""
-    cache = TeacherCache(recipe.cache_dir)
+    cache = TeacherCache(recipe.cache_dir, compact=recipe.generate.cache_format == "compact")
     keys = teachers.keys(examples)
     writer_keys = teachers.views[0].keys(examples)
     done = cache.keys()

@@ -17,7 +17,7 @@ def generate_rows(recipe: Recipe, view: TeacherPrompts, examples: list[Example])
     """Ask `view`'s teacher about those of `examples` not yet cached (the body of `generate`, for one teacher)."""
     prompts = view.prompts(examples)
     keys = view.keys(examples)
-    cache = TeacherCache(recipe.cache_dir)
+    cache = TeacherCache(recipe.cache_dir, compact=recipe.generate.cache_format == "compact")
     cache.remove_stale_temporaries()
     done = cache.keys()
     todo: dict[str, str] = {k: p for k, p in zip(keys, prompts) if k not in done}
