@@ -43,6 +43,25 @@ def hf_generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_t
     return tokens, time.perf_counter() - t0
 
 
+@torch.inference_mode()
+def decode_step_bound(model, tokenizer, prompts: list[str], batch_size: int, steps: int = 24) -> float:
+    """Tokens/s of bare decode steps at `batch_size`: the model's forward on one new token per row
+    with a KV cache of the prompts' length (prefill not timed, no top-k, no sampling), the bound
+    a generation loop at that batch size can approach."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts[:batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+    mask = enc["attention_mask"]
+    out = model(**enc, use_cache=True, logits_to_keep=1)
+    cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+    positions = mask.sum(-1, keepdim=True)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        out = model(input_ids=token, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        cache, positions = out.cache, positions + 1
+    return mask.shape[0] * steps / (time.perf_counter() - t0)
+
+
 def distil_generate(teacher: LocalTeacher, prompts: list[str], batch_size: int, max_new_tokens: int, top_k: int):
     settings = GenerateConfig(max_new_tokens=max_new_tokens, top_k=top_k, batch_size=batch_size)
     tokens, t0 = 0, time.perf_counter()
@@ -76,17 +95,24 @@ def main():
     results["transformers generate, batch 16"] = {"prompts": len(prompts), "tokens": n, "seconds": dt}
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         n, dt = distil_generate(teacher, prompts, bs, args.max_new_tokens, args.top_k)
-        results[f"distil generate (top-{args.top_k} kept), batch {bs}"] = {"prompts": len(prompts), "tokens": n, "seconds": dt}
+        results[f"distil generate (top-{args.top_k} kept), batch {bs}"] = {
+            "prompts": len(prompts), "tokens": n, "seconds": dt,
+            "decode_step_bound_tokens_per_s": decode_step_bound(model, tokenizer, prompts, bs)}
     base = results["transformers generate, batch 16"]
     for r in results.values():
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
         r["vs_transformers_batch16"] = r["tokens_per_s"] / (base["tokens"] / base["seconds"])
+        if "decode_step_bound_tokens_per_s" in r:
+            r["share_of_decode_bound"] = r["tokens_per_s"] / r["decode_step_bound_tokens_per_s"]
     print(json.dumps({"machine": f"{os.cpu_count()} cores {platform.machine()}, torch {torch.__version__}, "
                                  f"{torch.get_num_threads()} threads", "args": vars(args), "results": results}, indent=2))
-    print("\n| run | prompts | tokens | seconds | tokens/s | vs transformers batch 16 |\n|---|---|---|---|---|---|")
+    print("\n| run | prompts | tokens | seconds | tokens/s | vs transformers batch 16 | decode-step bound (tokens/s) "
+          "| share of bound |\n|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['prompts']} | {r['tokens']} | {r['seconds']:.1f} | {r['tokens_per_s']:.1f} | {r['vs_transformers_batch16']:.2f}x |")
-
+        bound = f"{r['decode_step_bound_tokens_per_s']:.1f}" if "decode_step_bound_tokens_per_s" in r else ""
+        share = f"{r['share_of_decode_bound']:.0%}" if bound else ""
+        print(f"| {name} | {r['prompts']} | {r['tokens']} | {r['seconds']:.1f} | {r['tokens_per_s']:.1f} "
+              f"| {r['vs_transformers_batch16']:.2f}x | {bound} | {share} |")
 
 if __name__ == "__main__":
     main()

@@ -164,7 +164,7 @@ def tiny_recipe_dict(model_dir: Path, root: Path) -> dict:
         "teacher": {"model": str(model_dir)},
         "student": {"from_teacher": {"layers": [0, 3]}},
         "data": {"train": "data/train.jsonl", "eval": "data/eval.jsonl"},
-        "generate": {"max_new_tokens": 6, "top_k": 8, "batch_size": 8},
+        "generate": {"max_new_tokens": 6, "top_k": 8, "batch_size": 8, "shard_rows": 8},
         "train": {"steps": 6, "batch_size": 4, "checkpoint_every": 2, "log_every": 1, "warmup": 2},
         "eval": {"speed_prompts": 2},
         "out": str(root / "out"),

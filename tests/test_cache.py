@@ -231,7 +231,7 @@ def test_generate_twice_then_regenerate_one_deleted_shard(load):
     cache = TeacherCache(recipe.cache_dir)
     assert len(cache.keys()) == 32
     by_shard = shard_keys(cache)
-    assert len(by_shard) == 4  # 32 prompts in batches of 8, one shard per batch
+    assert len(by_shard) == 4  # 32 prompts, a shard per 8 finished rows (generate.shard_rows)
 
     second = pipeline.generate(recipe)
     assert second["generated"] == 0 and second["cached_before"] == 32
@@ -296,7 +296,7 @@ def test_generation_is_batch_invariant(load, tmp_path, system):
     """Left padding and position ids: a row's output must not depend on its batch neighbours."""
     extra = [system] if system else []
     extra.append(EXACT)
-    one = load("generate.batch_size=1", f"cache={tmp_path / 'cache-b1'}", *extra)
+    one = load("generate.batch_size=1", "generate.shard_rows=1", f"cache={tmp_path / 'cache-b1'}", *extra)
     eight = load("generate.batch_size=8", f"cache={tmp_path / 'cache-b8'}", *extra)
     pipeline.generate(one)
     pipeline.generate(eight)

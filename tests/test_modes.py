@@ -49,9 +49,10 @@ def test_on_policy_with_lambda_zero_equals_supervised(cached, tmp_path):
     assert all(line["on_policy_share"] == 0 for line in log_lines(tmp_path / "gkd"))
 
 
-def test_teacher_scoring_reproduces_the_cached_targets(cached):
-    """Scoring the teacher's own text online gives the top-k and tail `distil generate` stored."""
-    recipe = cached()
+def test_teacher_scoring_reproduces_the_cached_targets(load, tmp_path):
+    """Scoring the teacher's own text online gives the top-k and tail `distil generate` stored (float32 rows)."""
+    recipe = load("generate.cache_format=float32", f"cache={tmp_path / 'exact-cache'}")
+    pipeline.generate(recipe)
     view = TeacherPrompts(recipe)
     train_ex, _ = load_data(recipe)
     rows = cached_rows(recipe, view.keys(train_ex), "train")[:6]

@@ -170,6 +170,8 @@ class GenerateConfig(Section):
     top_k: int = Field(32, gt=0, description="teacher log-probs kept per generated token")
     batch_size: int = Field(64, gt=0, description="prompts the teacher answers together")
     seed: int = Field(0, description="do_sample: random seed")
+    shard_rows: int = Field(256, gt=0, description="finished rows written per teacher-cache shard (or what has "
+                                                   "finished after 30 s): a killed run loses at most these")
     cache_format: Literal["compact", "float32"] = Field(
         "compact", description="how new cache rows store the soft targets: compact (8-bit log-prob steps, "
                                "float16, about 90 bytes per token at top-32) or float32 (exact, about 260)")

@@ -483,8 +483,14 @@ def _run_section(report: Mapping[str, Any]) -> str:
             rows.append(["size (MB)", _e(_fmt_mb(cache.get("bytes")))])
         if "path" in cache:
             rows.append(["path", f"<code>{_e(cache.get('path'))}</code>"])
+        if cache.get("bytes_per_token") is not None:
+            rows.append(["bytes per generated token", _e(_fmt_value(cache["bytes_per_token"]))])
+        parts_per_token = cache.get("bytes_per_token_parts")
+        if isinstance(parts_per_token, Mapping) and parts_per_token:
+            biggest = sorted(parts_per_token.items(), key=lambda kv: -kv[1])
+            rows.append(["of which", _e(", ".join(f"{name} {b}" for name, b in biggest if b >= 0.1))])
         for key, val in cache.items():
-            if key not in ("rows", "bytes", "path"):
+            if key not in ("rows", "bytes", "path", "bytes_per_token", "bytes_per_token_parts"):
                 rows.append([_e(key), _e(val)])
         parts.append("<h3>Teacher cache</h3>" + _table(None, rows, text_cols=[1]))
     usage = report.get("teacher_usage")

@@ -133,8 +133,7 @@ def evaluate_run(recipe, view, examples, rows: list[dict], teacher_rows: list[di
         "headline": _headline(metrics, compression, speedup),
         "models": info, "compression": compression, "speedup": speedup, "metrics": metrics, "per_category": per_category,
         "eval_rows": len(rows),
-        "cache": {"path": str(recipe.cache_dir), "bytes": TeacherCache(recipe.cache_dir).size_bytes(),
-                  "rows": len(TeacherCache(recipe.cache_dir).keys())},
+        "cache": {"path": str(recipe.cache_dir), **TeacherCache(recipe.cache_dir).stats()},
     }
     if recipe.teachers is not None:  # several teachers: who wrote which rows, the student per teacher
         report["teachers"] = view.report(examples, rows, scores["student"])

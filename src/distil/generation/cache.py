@@ -32,6 +32,7 @@ from distil.files import sha256_text, write_atomic
 VERSION = 2
 LOGPROB_STEP = 1 / 16  # nats per quantization step: a log-prob is off by at most 1/32 (3% of its probability)
 ZERO_PROB = 255        # the step code of a log-prob of -inf (a padding entry of an endpoint's short top-k)
+SHARD_SECONDS = 30.0   # writers also close a shard after this long, whatever has finished (generate.shard_rows)
 COMPRESSION_LEVEL = 9  # zstd; level 9 writes ~7% smaller shards than the default 3 at no noticeable cost here
 
 # The fields of a row, as `TeacherCache.write_shard` takes it and `read` gives it back.

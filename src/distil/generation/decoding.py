@@ -2,14 +2,16 @@
 
 The loop is ours rather than `model.generate` because it must keep, for every generated
 token, the top-k log-probs and the log of the remaining mass, and because on a CPU the
-big wins are structural: prompts sorted by length (little padding), large batches, and
-rows that finished dropped from the batch (and its KV cache) instead of padded along.
+big wins are structural: prompts sorted by length (little padding), large batches kept
+full (continuous batching: a finished row leaves the batch and its KV cache, and a waiting
+prompt takes its place), and no per-token Python work until a row is done.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+import copy
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -37,18 +39,29 @@ def stop_token_ids(tokenizer, model) -> set[int]:
     return ids
 
 
-def topk_with_tail(logprobs: torch.Tensor, k: int):
+def topk_with_tail(scores: torch.Tensor, k: int):
     """Top-k log-probs, their ids, and the exact log of the mass outside them.
 
     Args:
-        logprobs: (B, V) normalised log-probs.
+        scores: (B, V) logits or log-probs (normalised here).
     Returns:
-        (ids (B, k), logprobs (B, k), tail (B,)); tail is computed as a logsumexp over the
-        remaining entries, so it stays exact when the top-k hold nearly all the mass.
+        (ids (B, k), logprobs (B, k), tail (B,)). One pass over the vocabulary each for the top-k,
+        the exponentials and two sums: the tail sums the entries outside the top-k (zeroed in
+        place) rather than taking 1 minus their mass, so it stays exact when the top-k hold nearly
+        all of it; a row whose rest underflows is summed again in log space.
     """
-    top = logprobs.topk(k, dim=-1)
-    rest = logprobs.scatter(-1, top.indices, float("-inf"))
-    return top.indices, top.values, torch.logsumexp(rest, dim=-1)
+    top = scores.topk(k, dim=-1)
+    peak = top.values[:, :1]
+    probs = (scores - peak).exp_()
+    log_total = probs.sum(-1).log()
+    probs.scatter_(-1, top.indices, 0.0)
+    rest = probs.sum(-1)
+    tail = rest.log()
+    if k < scores.shape[-1] and bool((rest == 0).any()):
+        lost = (rest == 0).nonzero().squeeze(-1)
+        outside = scores[lost].scatter(-1, top.indices[lost], float("-inf"))
+        tail[lost] = torch.logsumexp(outside - peak[lost], dim=-1)
+    return top.indices, top.values - peak - log_total[:, None], tail - log_total
 
 
 def seeded_generator(model, seed: int) -> torch.Generator:
@@ -70,6 +83,10 @@ def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: fl
 
 
 MIN_SHARED_PREFIX = 4
+# Prompts prefilled together are padded to the longest: a run of prompts (in the given order) ends
+# where a prompt's own part is longer than this ratio of the run's first, plus this many tokens.
+PREFILL_PAD_RATIO = 1.25
+PREFILL_PAD_TOKENS = 4
 
 
 def _shared_prefix_len(prompt_ids: list[list[int]]) -> int:
@@ -92,77 +109,224 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return input_ids, mask
 
 
-@torch.inference_mode()
-def generate_batch(model, prompt_ids: list[list[int]], *, pad_id: int, stop_ids: set[int],
-                   max_new_tokens: int, top_k: int, do_sample: bool = False, temperature: float = 1.0,
-                   top_p: float = 1.0, generator: torch.Generator | None = None,
-                   on_step: Callable[[list[Generation]], Iterable[int]] | None = None) -> list[Generation]:
-    """Generate for one batch of tokenized prompts with a KV cache, keeping soft targets.
+def _left_pad_cache(layer, width: int) -> None:
+    """Pad a KV-cache layer with zeros on the left of its sequence axis, up to `width` positions."""
+    missing = width - layer.keys.shape[-2]
+    if missing > 0:
+        layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, missing, 0))
+        layer.values = torch.nn.functional.pad(layer.values, (0, 0, missing, 0))
 
-    A prefix shared by all prompts is computed once and its KV cache copied to every row;
-    the rest is left-padded, and position ids follow the attention mask so a row's output
-    does not depend on its neighbours. A row that emits a stop token leaves the batch.
-    `on_step(results)`, if given, runs after every token and returns rows (indices into
-    the prompts) to finish now, e.g. a server's request that hit its own limit or stop string.
+
+class _Batch:
+    """The rows being generated together: their KV cache, attention mask, next positions and last tokens.
+
+    Rows may join (a prefilled group, padded on the left to the batch's width) and leave (finished);
+    sequence positions no row attends to any more are cut from the left.
+    """
+
+    def __init__(self, cache, mask: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, rows: torch.Tensor,
+                 slots: torch.Tensor):
+        self.cache, self.mask, self.positions, self.last, self.rows, self.slots = cache, mask, positions, last, rows, slots
+
+    def __len__(self) -> int:
+        return self.rows.numel()
+
+    def keep(self, keep: torch.Tensor) -> None:
+        self.mask, self.positions, self.last = self.mask[keep], self.positions[keep], self.last[keep]
+        self.rows, self.slots = self.rows[keep], self.slots[keep]
+        for layer in self.cache.layers:
+            layer.batch_select_indices(keep)
+        used = self.mask.any(0).nonzero()
+        start = int(used[0]) if used.numel() else 0
+        if start > 0:  # the left columns were padding or finished rows' prompts only
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+    def join(self, other: "_Batch") -> None:
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            _left_pad_cache(mine, width)
+            _left_pad_cache(theirs, width)
+            mine.keys = torch.cat([mine.keys, theirs.keys])
+            mine.values = torch.cat([mine.values, theirs.values])
+        pad = lambda m: torch.nn.functional.pad(m, (width - m.shape[1], 0))  # noqa: E731
+        self.mask = torch.cat([pad(self.mask), pad(other.mask)])
+        for name in ("positions", "last", "rows", "slots"):
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+
+
+def _joinable(cache) -> bool:
+    """Whether rows can join this cache mid-generation (plain per-layer key/value tensors, no sliding window)."""
+    return all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers)
+
+
+@torch.inference_mode()
+def decode(model, prompt_ids: list[list[int]], *, pad_id: int, stop_ids: set[int], max_new_tokens: int, top_k: int,
+           slots: int | None = None, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None,
+           on_step: Callable[[list[Generation]], Iterable[int]] | None = None) -> Iterator[tuple[int, Generation]]:
+    """Generate for tokenized prompts with a KV cache, keeping soft targets; yields (index, Generation) as rows finish.
+
+    Continuous batching: at most `slots` rows (default: all) generate together, and a finished
+    row's slot is refilled from the waiting prompts (taken in the given order; sort them by
+    length), prefilled in groups and joined to the running batch. A prefix shared by all prompts
+    is computed once and its KV cache copied to every row; the rest is left-padded, and position
+    ids follow each row's own tokens, so a row's output does not depend on its neighbours.
+    Per-step results stay in tensors until a row finishes. `on_step(results)`, if given, runs
+    after every token with every row's Generation so far (filled as it goes) and returns rows
+    (indices into the prompts) to finish now, e.g. a server's request that hit its own limit.
     """
     device = next(model.parameters()).device
+    n_prompts = len(prompt_ids)
+    if n_prompts == 0:
+        return
+    slots = min(slots or n_prompts, n_prompts)
     results = [Generation(prompt_ids=list(p)) for p in prompt_ids]
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     # Chat prompts share a long head (template + system prompt): run it once, not once per row.
-    shared = _shared_prefix_len(prompt_ids) if len(prompt_ids) > 1 else 0
-    cache, prefix_mask = None, None
+    shared = _shared_prefix_len(prompt_ids) if n_prompts > 1 else 0
+    prefix = None
     if shared >= MIN_SHARED_PREFIX:
-        prefix = torch.tensor(prompt_ids[0][:shared], device=device)[None]
-        cache = model(input_ids=prefix, use_cache=True, logits_to_keep=1).cache
-        for layer in cache.layers:
-            layer.batch_repeat_interleave(len(prompt_ids))
-        prefix_mask = torch.ones((len(prompt_ids), shared), dtype=torch.long, device=device)
+        prefix = model(input_ids=torch.tensor(prompt_ids[0][:shared], device=device)[None], use_cache=True,
+                       logits_to_keep=1).cache
     else:
         shared = 0
-    suffixes = [p[shared:] for p in prompt_ids]
-    input_ids, mask = left_pad(suffixes, pad_id)
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    if prefix_mask is not None:
-        mask = torch.cat([prefix_mask, mask], dim=-1)  # [shared prefix | left padding | own suffix]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-    active = torch.arange(len(prompt_ids), device=device)  # rows of `results` still generating
-    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                logits_to_keep=1)
-    cache = out.cache
-    for step in range(max_new_tokens):
-        logits = out.logits[:, -1].float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        chosen = _choose(logits, do_sample, temperature, top_p, generator)
-        ids, values, tail = topk_with_tail(logprobs, top_k)
-        chosen_lp = logprobs.gather(-1, chosen[:, None]).squeeze(-1)
-        rows = (active.tolist(), chosen.tolist(), chosen_lp.tolist(), ids.tolist(), values.tolist(), tail.tolist())
-        for r, tok, lp, kid, kval, t in zip(*rows):
-            g = results[r]
-            g.token_ids.append(tok)
-            g.token_logprobs.append(lp)
-            g.topk_ids.append(kid)
-            g.topk_logprobs.append(kval)
-            g.tail_logprob.append(t)
+    buffers = {"ids": torch.zeros((slots, max_new_tokens, top_k), dtype=torch.int32, device=device),
+               "values": torch.zeros((slots, max_new_tokens, top_k), device=device),
+               "tail": torch.zeros((slots, max_new_tokens), device=device),
+               "chosen": torch.zeros((slots, max_new_tokens), dtype=torch.long, device=device),
+               "chosen_lp": torch.zeros((slots, max_new_tokens), device=device)}
+    counts = torch.zeros(slots, dtype=torch.long, device=device)  # tokens generated, per slot
+    free = list(range(slots))
+    waiting = iter(range(n_prompts))
+    n_waiting = n_prompts
+
+    def prefill(indices: list[int]) -> tuple[_Batch, torch.Tensor]:
+        """Prefill the prompts in runs of similar length (each run padded only to its own longest)."""
+        runs, batch, logits = [[indices[0]]], None, []
+        for i in indices[1:]:
+            shortest = len(prompt_ids[runs[-1][0]]) - shared
+            if len(prompt_ids[i]) - shared > PREFILL_PAD_RATIO * shortest + PREFILL_PAD_TOKENS:
+                runs.append([])
+            runs[-1].append(i)
+        for run in runs:
+            part, part_logits = prefill_run(run)
+            logits.append(part_logits)
+            if batch is None:
+                batch = part
+            else:
+                batch.join(part)
+        return batch, torch.cat(logits)
+
+    def prefill_run(indices: list[int]) -> tuple[_Batch, torch.Tensor]:
+        cache, prefix_mask = None, None
+        if prefix is not None:
+            cache = copy.deepcopy(prefix)
+            for layer in cache.layers:
+                layer.batch_repeat_interleave(len(indices))
+            prefix_mask = torch.ones((len(indices), shared), dtype=torch.long, device=device)
+        input_ids, mask = left_pad([prompt_ids[i][shared:] for i in indices], pad_id)
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        if prefix_mask is not None:
+            mask = torch.cat([prefix_mask, mask], dim=-1)  # [shared prefix | left padding | own suffix]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                    logits_to_keep=1)
+        taken = [free.pop() for _ in indices]
+        batch = _Batch(out.cache, mask, positions[:, -1] + 1, torch.zeros(len(indices), dtype=torch.long, device=device),
+                       torch.tensor(indices, device=device), torch.tensor(taken, device=device))
+        return batch, out.logits[:, -1]
+
+    def record(batch: _Batch, logits: torch.Tensor) -> torch.Tensor:
+        """Choose and store each row's next token; returns which rows finished."""
+        logits = logits.float()
+        ids, values, tail = topk_with_tail(logits, top_k)
+        chosen = _choose(logits, do_sample, temperature, top_p, generator) if do_sample else ids[:, 0]
+        log_norm = logits.gather(-1, ids[:, :1]).squeeze(-1) - values[:, 0]
+        chosen_lp = values[:, 0] if not do_sample else logits.gather(-1, chosen[:, None]).squeeze(-1) - log_norm
+        step = counts[batch.slots]
+        for name, value in (("ids", ids.int()), ("values", values), ("tail", tail), ("chosen", chosen),
+                            ("chosen_lp", chosen_lp)):
+            buffers[name][batch.slots, step] = value
+        counts[batch.slots] += 1
+        batch.last = chosen
         finished = torch.isin(chosen, stop)
-        for r in active[finished].tolist():
-            results[r].finish_reason = "stop"
+        if on_step is not None:
+            for r, tok, lp, kid, kval, t in zip(batch.rows.tolist(), chosen.tolist(), chosen_lp.tolist(), ids.tolist(),
+                                                values.tolist(), tail.tolist()):
+                g = results[r]
+                g.token_ids.append(tok)
+                g.token_logprobs.append(lp)
+                g.topk_ids.append(kid)
+                g.topk_logprobs.append(kval)
+                g.tail_logprob.append(t)
+        return finished
+
+    def finish(batch: _Batch, finished: torch.Tensor, by_stop: torch.Tensor) -> Iterator[tuple[int, Generation]]:
+        for r, slot, stopped in zip(batch.rows[finished].tolist(), batch.slots[finished].tolist(),
+                                    by_stop[finished].tolist()):
+            g = results[r]
+            n = int(counts[slot])
+            g.token_ids = buffers["chosen"][slot, :n].tolist()
+            g.token_logprobs = buffers["chosen_lp"][slot, :n].tolist()
+            g.topk_ids = buffers["ids"][slot, :n].tolist()
+            g.topk_logprobs = buffers["values"][slot, :n].tolist()
+            g.tail_logprob = buffers["tail"][slot, :n].tolist()
+            g.finish_reason = "stop" if stopped else "length"
+            counts[slot] = 0
+            free.append(slot)
+            yield r, g
+
+    def step_and_finish(batch: _Batch, logits: torch.Tensor) -> Iterator[tuple[int, Generation]]:
+        by_stop = record(batch, logits)
+        finished = by_stop | (counts[batch.slots] >= max_new_tokens)
         if on_step is not None:
             extra = set(on_step(results) or ())
             if extra:
-                finished = finished | torch.tensor([r in extra for r in active.tolist()], device=device)
-        if step == max_new_tokens - 1:
-            break
-        keep = (~finished).nonzero().squeeze(-1)
-        if keep.numel() == 0:
-            break
-        if keep.numel() < active.numel():
-            active, chosen, mask, positions = active[keep], chosen[keep], mask[keep], positions[keep]
-            for layer in cache.layers:
-                layer.batch_select_indices(keep)
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-        positions = positions[:, -1:] + 1
-        out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=positions,
-                    cache=cache, use_cache=True)
+                finished = finished | torch.tensor([r in extra for r in batch.rows.tolist()], device=device)
+        if finished.any():
+            yield from finish(batch, finished, by_stop)
+            batch.keep((~finished).nonzero().squeeze(-1))
+
+    def take(n: int) -> list[int]:
+        nonlocal n_waiting
+        taken = [next(waiting) for _ in range(min(n, n_waiting))]
+        n_waiting -= len(taken)
+        return taken
+
+    # Refill when a quarter of the slots are free: prefilling a group costs about as much as one step.
+    refill_at = max(1, slots // 4)
+    batch, logits = prefill(take(slots))
+    yield from step_and_finish(batch, logits)
+    joinable = _joinable(batch.cache)
+    while len(batch) or n_waiting:
+        if n_waiting and joinable and (len(free) >= refill_at or len(batch) == 0):
+            group, logits = prefill(take(len(free)))
+            yield from step_and_finish(group, logits)
+            if len(group):
+                if len(batch):
+                    batch.join(group)
+                else:
+                    batch = group
+        elif n_waiting and len(batch) == 0:  # rows cannot join this model's cache: start a new batch
+            batch, logits = prefill(take(len(free)))
+            yield from step_and_finish(batch, logits)
+            continue
+        if not len(batch):
+            continue
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=-1)
+        out = model(input_ids=batch.last[:, None], attention_mask=batch.mask, position_ids=batch.positions[:, None],
+                    cache=batch.cache, use_cache=True)
+        batch.positions = batch.positions + 1
+        yield from step_and_finish(batch, out.logits[:, -1])
+
+
+def generate_batch(model, prompt_ids: list[list[int]], **kwargs) -> list[Generation]:
+    """`decode` for one batch: every prompt generates together; the Generations in prompt order."""
+    results: list[Generation | None] = [None] * len(prompt_ids)
+    for i, g in decode(model, prompt_ids, **kwargs):
+        results[i] = g
     return results
 
 

@@ -33,7 +33,7 @@ import httpx
 
 from distil.errors import DistilError
 from distil.files import write_json
-from distil.generation.cache import TeacherCache
+from distil.generation.cache import SHARD_SECONDS, TeacherCache
 from distil.generation.decoding import encode_prompt
 from distil.generation.explain import teacher_chat
 from distil.models.tokens import TokenMap
@@ -43,8 +43,6 @@ RETRY_STATUS = {408, 409, 429}
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
 RETRY_AFTER_CAP_S = 300.0
-SHARD_ROWS = 64          # rows per cache shard while answers stream in
-SHARD_SECONDS = 30.0     # ... or whatever has arrived after this long
 # A reply without the log-probs we asked for: from an endpoint that has sent log-probs, a glitch, retried within
 # max_retries (the last reply is kept as text rather than failing the run); before any came, retried this often,
 MISSING_LOGPROBS_RETRIES = 2
@@ -373,7 +371,7 @@ class OpenAITeacher:
                                 raise DistilError(f"teacher endpoint failed for good: {e}; the rows already answered "
                                                   "are cached, rerun to continue", field="teacher.base_url") from None
                             self._add(buffer, key, prompt, prompt_ids, reply)
-                            if len(buffer) >= SHARD_ROWS or time.monotonic() - last_flush > SHARD_SECONDS:
+                            if len(buffer) >= self.settings.shard_rows or time.monotonic() - last_flush > SHARD_SECONDS:
                                 flush()
                             rate = self.usage.completion_tokens / max(time.time() - t0, 1e-9)
                             bar.update(task, advance=1,

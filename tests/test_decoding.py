@@ -1,0 +1,73 @@
+"""The decoding loop (distil.generation.decoding): continuous batching and the top-k/tail targets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distil.generation.decoding import decode, generate_batch, topk_with_tail
+
+
+def test_topk_with_tail_matches_float64_log_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(16, 3000) * 4
+    logits[0, 7] = 250.0  # nearly all the mass on one id: 1 - top-k mass would round to 0
+    want = torch.log_softmax(logits.double(), -1)
+    top = want.topk(8)
+    tail_want = want.scatter(-1, top.indices, float("-inf")).logsumexp(-1)
+    for scores in (logits, torch.log_softmax(logits, -1)):  # from logits or from log-probs
+        ids, values, tail = topk_with_tail(scores, 8)
+        assert torch.equal(ids, top.indices)
+        torch.testing.assert_close(values.double(), top.values, atol=1e-5, rtol=0)
+        torch.testing.assert_close(tail.double(), tail_want, atol=1e-4, rtol=1e-6)
+    assert tail[0] < -200  # summed in log space where the rest underflows, not -inf
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    from distil.models.sources import load_causal_lm
+
+    return load_causal_lm(tiny_model_dir, device="cpu").eval()
+
+
+def prompts(n: int, shared: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    head = torch.randint(5, 200, (shared,), generator=g).tolist()
+    return [head + torch.randint(5, 200, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("shared", [0, 6], ids=["no-shared-prefix", "shared-prefix"])
+@pytest.mark.parametrize("slots", [1, 3, 5])
+def test_continuous_batching_equals_one_prompt_at_a_time(tiny, shared, slots):
+    """Rows joining a running batch (left-padded caches, cut columns) get what they get alone."""
+    ps = sorted(prompts(13, shared), key=len)
+    kwargs = dict(pad_id=0, max_new_tokens=9, top_k=4)
+    free = [generate_batch(tiny, [p], stop_ids=set(), **kwargs)[0] for p in ps]
+    # Stop on tokens some rows write early, so slots free up at different steps.
+    kwargs["stop_ids"] = {free[0].token_ids[2], free[6].token_ids[5]}
+    alone = [generate_batch(tiny, [p], **kwargs)[0] for p in ps]
+    assert {g.finish_reason for g in alone} == {"stop", "length"}, "the prompts exercise both endings"
+    finished = list(decode(tiny, ps, slots=slots, **kwargs))
+    got = dict(finished)
+    assert sorted(got) == list(range(len(ps))) and len(finished) == len(ps)
+    for i, want in enumerate(alone):
+        g = got[i]
+        assert g.token_ids == want.token_ids, i
+        assert g.topk_ids == want.topk_ids and g.finish_reason == want.finish_reason
+        torch.testing.assert_close(torch.tensor(g.token_logprobs), torch.tensor(want.token_logprobs), atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(g.topk_logprobs), torch.tensor(want.topk_logprobs), atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(g.tail_logprob), torch.tensor(want.tail_logprob), atol=1e-4, rtol=0)
+
+
+def test_on_step_sees_tokens_as_they_come_and_can_finish_a_row(tiny):
+    ps = prompts(3, 6, seed=2)
+    seen = []
+
+    def on_step(results):
+        seen.append([len(g.token_ids) for g in results])
+        return [0] if len(results[0].token_ids) == 2 else []
+
+    gens = generate_batch(tiny, ps, pad_id=0, stop_ids=set(), max_new_tokens=5, top_k=2, on_step=on_step)
+    assert [len(g.token_ids) for g in gens] == [2, 5, 5]
+    assert seen[0] == [1, 1, 1] and seen[1] == [2, 2, 2] and seen[2] == [2, 3, 3]
