@@ -44,14 +44,14 @@ def _prompts(n: int) -> list[str]:
 
 @pytest.fixture
 def kill_recipe(tmp_path, tiny_model_dir):
-    """A recipe with 96 train prompts in batches of 4 (many shards) and 120 training steps."""
+    """A recipe with 96 train prompts in batches of 4, a shard per 4 rows (26 shards), and 120 training steps."""
     prompts = _prompts(104)
     data = tmp_path / "data"
     data.mkdir()
     write_jsonl(data / "train.jsonl", [{"prompt": p} for p in prompts[:96]])
     write_jsonl(data / "eval.jsonl", [{"prompt": p} for p in prompts[96:]])
     recipe = tiny_recipe_dict(tiny_model_dir, tmp_path)
-    recipe["generate"].update(batch_size=4, max_new_tokens=8)
+    recipe["generate"].update(batch_size=4, shard_rows=4, max_new_tokens=8)
     recipe["train"].update(steps=120, checkpoint_every=3)
     recipe["train"]["baseline"] = False
     path = tmp_path / "recipe.yaml"
