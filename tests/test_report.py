@@ -167,7 +167,7 @@ def _rows(agree, n=10, kl=1.0, nll=2.0):
 
 
 def test_paired_bootstrap_against_a_plain_loop():
-    """The vectorised paired bootstrap equals a row-by-row loop over the same resampled indices."""
+    """The vectorised bootstrap (paired, and of one model alone) equals a row-by-row loop over the same resampled indices."""
     import math
 
     import numpy as np
@@ -183,6 +183,10 @@ def test_paired_bootstrap_against_a_plain_loop():
     for metric in ("top1_agreement", "teacher_kl", "perplexity"):
         diffs = [summarize([a[i] for i in row])[metric] - summarize([b[i] for i in row])[metric] for row in idx]
         assert got[metric] == pytest.approx([np.percentile(diffs, 2.5), np.percentile(diffs, 97.5)], rel=1e-9)
+    alone = paired_bootstrap(a, None, resamples=300, seed=7)  # the interval of a's own metrics
+    for metric in ("top1_agreement", "teacher_kl", "perplexity"):
+        values = [summarize([a[i] for i in row])[metric] for row in idx]
+        assert alone[metric] == pytest.approx([np.percentile(values, 2.5), np.percentile(values, 97.5)], rel=1e-9)
     assert got["perplexity"][1] < 0  # b's NLL is 10% higher on every row: a's perplexity is lower in every resample
     assert got["teacher_kl"] == [0.0, 0.0]
     assert not math.isnan(got["top1_agreement"][0])

@@ -71,10 +71,11 @@ def summarize(scores: list[dict]) -> dict:
 LM_ROW_METRICS = {"top1_agreement": ("agree", None), "teacher_kl": ("kl", None), "perplexity": ("nll", np.exp)}
 
 
-def paired_bootstrap(a: list[dict], b: list[dict], metrics: dict | None = None, *, resamples: int = 2000,
+def paired_bootstrap(a: list[dict], b: list[dict] | None, metrics: dict | None = None, *, resamples: int = 2000,
                      seed: int = 0) -> dict[str, list[float]]:
     """95% intervals of metric(a) - metric(b) for each metric, resampling held-out rows with
-    replacement, the same rows for both models (they were scored on the same rows).
+    replacement, the same rows for both models (they were scored on the same rows); with `b`
+    None, the intervals of metric(a) itself.
 
     A row is a dict of per-row sums and its weight "n" (tokens for a causal LM, 1 for an example);
     `metrics` maps a metric name to (row field, transform of sum(field) / sum(n) or None), by
@@ -86,11 +87,11 @@ def paired_bootstrap(a: list[dict], b: list[dict], metrics: dict | None = None, 
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(a), size=(resamples, len(a)))
     n = np.array([s["n"] for s in a], dtype=np.float64)[idx].sum(1)
+    resampled = lambda rows, key: np.array([s[key] for s in rows], dtype=np.float64)[idx].sum(1) / n  # noqa: E731
     diffs = {}
     for metric, (key, transform) in (LM_ROW_METRICS if metrics is None else metrics).items():
-        mean_a = np.array([s[key] for s in a], dtype=np.float64)[idx].sum(1) / n
-        mean_b = np.array([s[key] for s in b], dtype=np.float64)[idx].sum(1) / n
-        diff = transform(mean_a) - transform(mean_b) if transform is not None else mean_a - mean_b
+        f = transform or (lambda x: x)
+        diff = f(resampled(a, key)) - (0 if b is None else f(resampled(b, key)))
         diffs[metric] = [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))]
     return diffs
 
