@@ -27,7 +27,7 @@ class Section(BaseModel):
 
 
 # Keys that only an OpenAI-compatible teacher (type: openai) takes.
-OPENAI_TEACHER_KEYS = ("base_url", "api_key_env", "max_concurrency", "requests_per_minute", "top_logprobs", "timeout",
+OPENAI_TEACHER_KEYS = ("base_url", "replica_cooldown", "api_key_env", "max_concurrency", "requests_per_minute", "top_logprobs", "timeout",
                        "max_retries", "endpoint", "local_model", "price_input_per_mtok", "price_output_per_mtok")
 
 
@@ -52,9 +52,15 @@ class TeacherConfig(Section):
     chat_template: str | None = Field(None, description="a Jinja chat template for the teacher's prompts, for a "
                                                         "tokenizer without one (a base model); it adds any bos itself")
     # type: openai only
-    base_url: str | None = Field(None, description="endpoint root, e.g. http://127.0.0.1:8000/v1")
+    base_url: str | Annotated[list[str], Field(min_length=1)] | None = Field(
+        None, description="endpoint root, e.g. http://127.0.0.1:8000/v1; or a list of replicas of one teacher (the "
+                          "same model on several servers): each request goes to the least-loaded one, a failing "
+                          "one sits out replica_cooldown and its rows go to the others (docs/scaling.md)")
+    replica_cooldown: float = Field(30.0, gt=0, description="base_url list: seconds a replica that failed "
+                                                            "(connection error, 5xx, timeout) is left out before it "
+                                                            "is tried again")
     api_key_env: str | None = Field(None, description="environment variable holding the API key (none: no key sent)")
-    max_concurrency: int = Field(8, gt=0, description="requests in flight at once")
+    max_concurrency: int = Field(8, gt=0, description="requests in flight at once (on each replica)")
     requests_per_minute: float | None = Field(None, gt=0, description="start at most this many requests a minute")
     top_logprobs: int = Field(20, ge=0, le=100, description="alternatives asked per token (0: text only)")
     timeout: float = Field(120.0, gt=0, description="seconds one request may take before it is retried")
@@ -70,11 +76,22 @@ class TeacherConfig(Section):
     def _fields_for_type(self):
         if self.type == "openai" and not self.base_url:
             raise ValueError("type: openai needs base_url (e.g. http://127.0.0.1:8000/v1)")
+        urls = [u.rstrip("/") for u in self.urls]
+        for i, url in enumerate(urls):
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"base_url: expected an http:// or https:// URL, got {url!r}")
+            if urls.index(url) != i:
+                raise ValueError(f"base_url: replica {url} is listed twice")
         if self.type == "local":
             stray = [k for k in OPENAI_TEACHER_KEYS if k in self.model_fields_set]
             if stray:
                 raise ValueError(f"{', '.join(stray)} only apply to type: openai")
         return self
+
+    @property
+    def urls(self) -> list[str]:
+        """base_url as a list: the replicas (one for a single URL, none for a local teacher)."""
+        return [] if self.base_url is None else [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
 
 
 ROUTE_FIELDS = ("category", "language")  # data fields a teacher's `when` may test
