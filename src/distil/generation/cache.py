@@ -118,6 +118,15 @@ def row_key(teacher_identity: str, prompt: str, settings: dict) -> str:
     return sha256_text(blob)
 
 
+def shard_of(key: str, count: int) -> int:
+    """Which of `count` generation shards (`distil generate --shard I/N`) a row's key falls in.
+
+    A stable hash (the key is a sha256 hex digest: its first 64 bits), the same on every machine,
+    so N machines given shards 0..N-1 each fill their part of one cache without talking.
+    """
+    return int(key[:16], 16) % count
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
