@@ -313,7 +313,9 @@ class Recipe(Section):
     export: ExportConfig = Field(ExportConfig(), description="artifacts exported and scored at the end of "
                                                              "`distil run`")
     out: str = Field("runs/quickstart", description=OUT_HELP)
-    cache: str | None = Field(None, description="teacher cache directory (default: $DISTIL_HOME/teacher-cache)")
+    cache: str | None = Field(None, description="teacher cache: a folder (default: $DISTIL_HOME/teacher-cache) or an "
+                                                "fsspec URL such as s3://bucket/cache that many machines share (the "
+                                                "remote-cache extra; docs/scaling.md)")
     source: str | None = Field(None, exclude=True, description="not a YAML key: the recipe file, so relative "
                                                                "data paths resolve against its folder")
     _lines: dict = PrivateAttr(default_factory=dict)  # key path -> line in the YAML file
@@ -379,8 +381,11 @@ class Recipe(Section):
         return Path(os.path.expanduser(self.out))
 
     @property
-    def cache_dir(self) -> Path:
+    def cache_dir(self) -> Path | str:
+        """The teacher cache: a local folder, or the URL as given (`proto://...`, e.g. s3://bucket/cache)."""
         from distil.paths import distil_home
+        if self.cache and "://" in self.cache:
+            return self.cache
         return Path(os.path.expanduser(self.cache)) if self.cache else distil_home() / "teacher-cache"
 
 

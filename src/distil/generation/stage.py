@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from distil.config.recipe import Recipe
 from distil.data.examples import Example
-from distil.files import check_writable
 from distil.generation.cache import shard_of
+from distil.generation.storage import open_store
 from distil.generation.teachers.many import Teachers, generate_many
 from distil.generation.teachers.one import generate_rows
 from distil.generation.view import TeacherPrompts
@@ -32,6 +32,6 @@ def fill_cache(recipe: Recipe, examples: list[Example], shard: tuple[int, int] |
     if view is None:
         summary = generate_many(recipe, examples)
     else:
-        check_writable(recipe.cache_dir, "cache")
+        open_store(recipe.cache_dir).check_writable("cache")
         summary = generate_rows(recipe, view, examples)
     return summary if shard is None else {"shard": f"{shard[0]}/{shard[1]}", **summary}
