@@ -155,11 +155,15 @@ class StudentConfig(Section):
 
 
 class DataConfig(Section):
-    """The prompts: JSONL, CSV or Parquet files; relative paths resolve against the recipe file's folder."""
-    train: str = Field(description="training prompts (JSONL, CSV or Parquet); a relative path resolves against "
-                                   "the recipe file's folder, not the working directory")
-    eval: str = Field(description="held-out prompts, scored by `distil eval`; a relative path resolves against "
-                                  "the recipe file's folder, not the working directory")
+    """The prompts: JSONL, CSV or Parquet files or Hugging Face datasets; relative paths resolve against the recipe
+    file's folder."""
+    train: str = Field(description="training prompts: a JSONL, CSV or Parquet file, a Hugging Face dataset folder "
+                                   "(save_to_disk) or hf:NAME[:SPLIT] (datasets.load_dataset; the datasets extra); "
+                                   "a relative path resolves against the recipe file's folder, not the working "
+                                   "directory")
+    eval: str = Field(description="held-out prompts, scored by `distil eval`, in the forms data.train takes; a "
+                                  "relative path resolves against the recipe file's folder, not the working "
+                                  "directory")
     system_prompt: str | None = Field(None, description="system message put before every prompt (teacher and "
                                                         "student)")
     max_train: int | None = Field(None, gt=0, description="use at most this many training rows")
@@ -369,8 +373,10 @@ class Recipe(Section):
             return error
         return locate_error(error, self.source, self._lines, self._overridden)
 
-    def resolve(self, path: str) -> Path:
-        """A path from the recipe, relative to the recipe file's folder unless absolute."""
+    def resolve(self, path: str) -> Path | str:
+        """A path from the recipe, relative to the recipe file's folder unless absolute (`hf:NAME` as it is)."""
+        if path.startswith("hf:"):
+            return path
         p = Path(os.path.expanduser(path))
         if p.is_absolute() or self.source is None:
             return p
