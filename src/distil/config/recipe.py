@@ -244,6 +244,10 @@ class TrainConfig(Section):
                                                                "clipping)")
     checkpoint_every: int = Field(50, gt=0, description="save a checkpoint every N steps, for `--resume`")
     log_every: int = Field(5, gt=0, description="write a metrics line every N steps")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]] = Field(
+        default_factory=list, description="experiment trackers (Accelerate's) that get every metrics line too, "
+                                          "e.g. [tensorboard]: event files under <out>/logs/<run>; each needs its "
+                                          "package (the tensorboard extra; wandb, mlflow, ...)")
     seed: int = Field(0, description="random seed: initialisation, batch order, on-policy sampling")
     freeze_embeddings: bool = Field(False, description="keep the (tied) embedding / LM head fixed")
     mode: Literal["supervised", "sequence", "on_policy"] = Field(
