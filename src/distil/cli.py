@@ -46,15 +46,32 @@ def _print(summary) -> None:
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """`I/N` (0 <= I < N) as (I, N); anything else a DistilError naming --shard."""
+    index, slash, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i = n = None
+    if not slash or i is None or n < 1 or not 0 <= i < n:
+        raise DistilError(f"expected I/N with 0 <= I < N, e.g. 0/4 (got {text!r})", field="--shard")
+    return i, n
+
+
 @app.command()
-def generate(args: Optional[list[str]] = typer.Argument(None, help=RECIPE_HELP)):
+def generate(args: Optional[list[str]] = typer.Argument(None, help=RECIPE_HELP),
+             shard: Optional[str] = typer.Option(None, "--shard", help="I/N: write only the rows whose cache key "
+                                                                        "falls in shard I of N (0 <= I < N), so N "
+                                                                        "machines fill one cache; a re-run fills gaps.")):
     """Ask the teacher about every prompt and store its text and top-k soft targets in the teacher cache.
 
     Rows already cached are skipped. Example: distil generate recipes/quickstart.yaml generate.batch_size=32
+             on machine 2 of 4 sharing one cache: distil generate my.yaml --shard 1/4
     """
     from distil.pipeline import generate as run_generate
 
-    _print(run_generate(_recipe(args)))
+    parsed = parse_shard(shard) if shard is not None else None
+    _print(run_generate(_recipe(args), shard=parsed))
 
 
 @app.command()

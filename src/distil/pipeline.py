@@ -25,15 +25,19 @@ from distil.progress import progress_bar
 from distil.training.runs import is_trained, run_fingerprint, save_trained
 
 
-def generate(recipe: Recipe) -> dict:
+def generate(recipe: Recipe, shard: tuple[int, int] | None = None) -> dict:
     """Ask the teacher about every train and held-out prompt not yet cached; write cache shards.
 
+    With `shard` (I, N), only the rows whose key falls in shard I of N (`distil generate --shard I/N`).
     Returns a summary: rows total, generated now, already cached, tokens, seconds, tokens/s.
     """
     if recipe.task != "causal_lm":
+        if shard is not None:
+            raise DistilError(f"--shard applies to task: causal_lm (this recipe is task: {recipe.task})",
+                              field="--shard")
         return tasks.stage(recipe, "generate")
     train_ex, eval_ex = load_data(recipe)
-    return fill_cache(recipe, train_ex + eval_ex)
+    return fill_cache(recipe, train_ex + eval_ex, shard)
 
 
 def train(recipe: Recipe, resume: bool = False) -> dict:

@@ -27,7 +27,7 @@ class Section(BaseModel):
 
 
 # Keys that only an OpenAI-compatible teacher (type: openai) takes.
-OPENAI_TEACHER_KEYS = ("base_url", "api_key_env", "max_concurrency", "requests_per_minute", "top_logprobs", "timeout",
+OPENAI_TEACHER_KEYS = ("base_url", "replica_cooldown", "api_key_env", "max_concurrency", "requests_per_minute", "top_logprobs", "timeout",
                        "max_retries", "endpoint", "local_model", "price_input_per_mtok", "price_output_per_mtok")
 
 
@@ -52,9 +52,15 @@ class TeacherConfig(Section):
     chat_template: str | None = Field(None, description="a Jinja chat template for the teacher's prompts, for a "
                                                         "tokenizer without one (a base model); it adds any bos itself")
     # type: openai only
-    base_url: str | None = Field(None, description="endpoint root, e.g. http://127.0.0.1:8000/v1")
+    base_url: str | Annotated[list[str], Field(min_length=1)] | None = Field(
+        None, description="endpoint root, e.g. http://127.0.0.1:8000/v1; or a list of replicas of one teacher (the "
+                          "same model on several servers): each request goes to the least-loaded one, a failing "
+                          "one sits out replica_cooldown and its rows go to the others (docs/scaling.md)")
+    replica_cooldown: float = Field(30.0, gt=0, description="base_url list: seconds a replica that failed "
+                                                            "(connection error, 5xx, timeout) is left out before it "
+                                                            "is tried again")
     api_key_env: str | None = Field(None, description="environment variable holding the API key (none: no key sent)")
-    max_concurrency: int = Field(8, gt=0, description="requests in flight at once")
+    max_concurrency: int = Field(8, gt=0, description="requests in flight at once (on each replica)")
     requests_per_minute: float | None = Field(None, gt=0, description="start at most this many requests a minute")
     top_logprobs: int = Field(20, ge=0, le=100, description="alternatives asked per token (0: text only)")
     timeout: float = Field(120.0, gt=0, description="seconds one request may take before it is retried")
@@ -70,11 +76,22 @@ class TeacherConfig(Section):
     def _fields_for_type(self):
         if self.type == "openai" and not self.base_url:
             raise ValueError("type: openai needs base_url (e.g. http://127.0.0.1:8000/v1)")
+        urls = [u.rstrip("/") for u in self.urls]
+        for i, url in enumerate(urls):
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"base_url: expected an http:// or https:// URL, got {url!r}")
+            if urls.index(url) != i:
+                raise ValueError(f"base_url: replica {url} is listed twice")
         if self.type == "local":
             stray = [k for k in OPENAI_TEACHER_KEYS if k in self.model_fields_set]
             if stray:
                 raise ValueError(f"{', '.join(stray)} only apply to type: openai")
         return self
+
+    @property
+    def urls(self) -> list[str]:
+        """base_url as a list: the replicas (one for a single URL, none for a local teacher)."""
+        return [] if self.base_url is None else [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
 
 
 ROUTE_FIELDS = ("category", "language")  # data fields a teacher's `when` may test
@@ -138,11 +155,15 @@ class StudentConfig(Section):
 
 
 class DataConfig(Section):
-    """The prompts: JSONL, CSV or Parquet files; relative paths resolve against the recipe file's folder."""
-    train: str = Field(description="training prompts (JSONL, CSV or Parquet); a relative path resolves against "
-                                   "the recipe file's folder, not the working directory")
-    eval: str = Field(description="held-out prompts, scored by `distil eval`; a relative path resolves against "
-                                  "the recipe file's folder, not the working directory")
+    """The prompts: JSONL, CSV or Parquet files or Hugging Face datasets; relative paths resolve against the recipe
+    file's folder."""
+    train: str = Field(description="training prompts: a JSONL, CSV or Parquet file, a Hugging Face dataset folder "
+                                   "(save_to_disk) or hf:NAME[:SPLIT] (datasets.load_dataset; the datasets extra); "
+                                   "a relative path resolves against the recipe file's folder, not the working "
+                                   "directory")
+    eval: str = Field(description="held-out prompts, scored by `distil eval`, in the forms data.train takes; a "
+                                  "relative path resolves against the recipe file's folder, not the working "
+                                  "directory")
     system_prompt: str | None = Field(None, description="system message put before every prompt (teacher and "
                                                         "student)")
     max_train: int | None = Field(None, gt=0, description="use at most this many training rows")
@@ -223,6 +244,10 @@ class TrainConfig(Section):
                                                                "clipping)")
     checkpoint_every: int = Field(50, gt=0, description="save a checkpoint every N steps, for `--resume`")
     log_every: int = Field(5, gt=0, description="write a metrics line every N steps")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]] = Field(
+        default_factory=list, description="experiment trackers (Accelerate's) that get every metrics line too, "
+                                          "e.g. [tensorboard]: event files under <out>/logs/<run>; each needs its "
+                                          "package (the tensorboard extra; wandb, mlflow, ...)")
     seed: int = Field(0, description="random seed: initialisation, batch order, on-policy sampling")
     freeze_embeddings: bool = Field(False, description="keep the (tied) embedding / LM head fixed")
     mode: Literal["supervised", "sequence", "on_policy"] = Field(
@@ -296,7 +321,9 @@ class Recipe(Section):
     export: ExportConfig = Field(ExportConfig(), description="artifacts exported and scored at the end of "
                                                              "`distil run`")
     out: str = Field("runs/quickstart", description=OUT_HELP)
-    cache: str | None = Field(None, description="teacher cache directory (default: $DISTIL_HOME/teacher-cache)")
+    cache: str | None = Field(None, description="teacher cache: a folder (default: $DISTIL_HOME/teacher-cache) or an "
+                                                "fsspec URL such as s3://bucket/cache that many machines share (the "
+                                                "remote-cache extra; docs/scaling.md)")
     source: str | None = Field(None, exclude=True, description="not a YAML key: the recipe file, so relative "
                                                                "data paths resolve against its folder")
     _lines: dict = PrivateAttr(default_factory=dict)  # key path -> line in the YAML file
@@ -350,8 +377,10 @@ class Recipe(Section):
             return error
         return locate_error(error, self.source, self._lines, self._overridden)
 
-    def resolve(self, path: str) -> Path:
-        """A path from the recipe, relative to the recipe file's folder unless absolute."""
+    def resolve(self, path: str) -> Path | str:
+        """A path from the recipe, relative to the recipe file's folder unless absolute (`hf:NAME` as it is)."""
+        if path.startswith("hf:"):
+            return path
         p = Path(os.path.expanduser(path))
         if p.is_absolute() or self.source is None:
             return p
@@ -362,8 +391,11 @@ class Recipe(Section):
         return Path(os.path.expanduser(self.out))
 
     @property
-    def cache_dir(self) -> Path:
+    def cache_dir(self) -> Path | str:
+        """The teacher cache: a local folder, or the URL as given (`proto://...`, e.g. s3://bucket/cache)."""
         from distil.paths import distil_home
+        if self.cache and "://" in self.cache:
+            return self.cache
         return Path(os.path.expanduser(self.cache)) if self.cache else distil_home() / "teacher-cache"
 
 

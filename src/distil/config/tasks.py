@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from distil.config.recipe import ADAM_BETAS_HELP, OUT_HELP, AdamBetas, GatedEval, Recipe, Section
 
@@ -31,6 +31,14 @@ class _TaskRecipe(Section):
     resolve = Recipe.resolve
     out_dir = Recipe.out_dir
     cache_dir = Recipe.cache_dir
+
+    @field_validator("cache")
+    @classmethod
+    def _local_cache(cls, value):
+        if value is not None and "://" in value:
+            raise ValueError("classification and embedding recipes keep their cache in a local folder (a URL "
+                             "cache is for task: causal_lm)")
+        return value
 
 
 # ----------------------------------------------------------------------------- classification

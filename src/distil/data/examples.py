@@ -1,4 +1,4 @@
-"""Loading prompts/examples from JSONL, CSV or Parquet, and turning them into prompt text.
+"""Loading prompts/examples from JSONL, CSV, Parquet or a Hugging Face dataset, and turning them into prompt text.
 
 Every row needs either `prompt` (a non-empty string) or `messages` (an OpenAI-style chat:
 a non-empty list of {"role": "system"|"user"|"assistant", "content": str}). Optional
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distil.data.hf_datasets import is_dataset_source, open_dataset
 from distil.errors import DistilError
 
 ROLES = ("system", "user", "assistant")
@@ -68,10 +69,11 @@ class Example:
 
 
 def load_examples(path: str | os.PathLike) -> list[Example]:
-    """Load examples from a JSONL, CSV or Parquet file (chosen by the file's extension).
+    """Load examples from a JSONL, CSV or Parquet file (chosen by the file's extension), or a Hugging Face
+    dataset: a `save_to_disk` folder or `hf:NAME[:SPLIT]` (`distil.data.hf_datasets`).
 
     Args:
-        path: the data file.
+        path: the data file, dataset folder or hf: name.
 
     Returns:
         The examples, in file order.
@@ -84,12 +86,17 @@ def load_examples(path: str | os.PathLike) -> list[Example]:
 
 
 def read_table(path: str | os.PathLike) -> list[tuple[dict, dict]]:
-    """(where, row) pairs of a JSONL / CSV / Parquet file; `where` is {"line": n} or {"row": n}.
+    """(where, row) pairs of a JSONL / CSV / Parquet file or a dataset; `where` is {"line": n} or {"row": n}.
 
     Raises:
         DistilError: the file is missing, unreadable, of another type, or has no rows.
     """
     file = os.fspath(path)
+    if is_dataset_source(file):
+        rows = list(_read_dataset(file))
+        if not rows:
+            raise DistilError("no examples: the dataset has no rows", file=file)
+        return rows
     _check_readable(file)
     suffix = Path(file).suffix.lower()
     if suffix in JSONL_SUFFIXES:
@@ -139,7 +146,8 @@ def _check_readable(file: str) -> None:
     if not path.exists():
         raise DistilError("file not found", file=file)
     if path.is_dir():
-        raise DistilError("is a directory, expected a data file", file=file)
+        raise DistilError("is a directory, expected a data file or a folder written by datasets' save_to_disk",
+                          file=file)
     if not os.access(path, os.R_OK):
         raise DistilError("cannot read the file (permission denied)", file=file)
 
@@ -244,6 +252,26 @@ def _read_parquet(file: str) -> Iterator[tuple[dict, dict]]:
     except pa.ArrowException as e:
         raise DistilError(f"cannot read as Parquet: {_one_line(str(e))}",
                           file=file, row=number + 1) from e
+
+
+def _read_dataset(location: str) -> Iterator[tuple[dict, dict]]:
+    """A Hugging Face dataset's rows, checked like a Parquet file's columns."""
+    dataset = open_dataset(location)
+    schema = dataset.data.schema
+    names = set(schema.names)
+    if "prompt" not in names and "messages" not in names:
+        raise DistilError(f'needs a "prompt" or "messages" column; found {", ".join(schema.names)}',
+                          file=location, field="prompt")
+    for name in ("prompt",) + OPTIONAL_FIELDS:
+        if name in names and not _is_string_type(schema.field(name).type):
+            raise DistilError(f"expected a string column, got {schema.field(name).type}", file=location, field=name)
+    wanted = [n for n in ("prompt", "messages") + OPTIONAL_FIELDS if n in names]
+    messages_as_text = "messages" in names and _is_string_type(schema.field("messages").type)
+    for number, row in enumerate(dataset.select_columns(wanted).to_list(), start=1):
+        row = {k: v for k, v in row.items() if v is not None}
+        if messages_as_text and "messages" in row:
+            row["messages"] = _parse_json_cell(row["messages"], location, {"row": number})
+        yield {"row": number}, row
 
 
 def _is_string_type(arrow_type) -> bool:

@@ -496,8 +496,15 @@ def _run_section(report: Mapping[str, Any]) -> str:
     usage = report.get("teacher_usage")
     if isinstance(usage, Mapping) and usage:
         rows = [[_e(key), _e(json.dumps(val) if isinstance(val, Mapping) else _fmt_value(val))]
-                for key, val in usage.items()]
+                for key, val in usage.items() if key != "replicas"]
         parts.append("<h3>Teacher endpoint usage</h3>" + _table(None, rows, text_cols=[1]))
+        replicas = usage.get("replicas")
+        if isinstance(replicas, Mapping) and len(replicas) > 1:
+            rows = [[f"<code>{_e(url)}</code>", _e(_fmt_value(r.get("rows"))), _e(_fmt_value(r.get("tokens_per_s"))),
+                     _e(json.dumps(r.get("errors") or {})), _e(_fmt_value(r.get("taken_out")))]
+                    for url, r in replicas.items() if isinstance(r, Mapping)]
+            parts.append("<h3>Teacher replicas</h3>" + _table(["replica", "rows", "tokens/s (last run)", "errors",
+                                                               "times taken out"], rows, text_cols=[0, 3]))
     timings = report.get("timings_s")
     if isinstance(timings, Mapping) and timings:
         rows = [[_e(stage), _e(_fmt_seconds(sec))] for stage, sec in timings.items()]

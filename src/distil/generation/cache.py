@@ -1,6 +1,7 @@
 """The teacher cache: what the teacher wrote, with its soft targets, written once and re-used.
 
-A cache is a folder of Parquet shards, one row per (teacher, prompt, generation settings),
+A cache is a folder (or an fsspec URL such as s3://bucket/cache, `distil.generation.storage`) of
+Parquet shards, one row per (teacher, prompt, generation settings),
 keyed by a hash of the three. Shards are written to a temporary name, fsynced and renamed,
 so a kill at any moment leaves only whole shards; a temporary file left by a dead writer is
 ignored and later removed. Many students and training runs can read the same cache.
@@ -19,7 +20,6 @@ import json
 import os
 import uuid
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +27,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distil.errors import DistilError, is_disk_full
-from distil.files import sha256_text, write_atomic
+from distil.files import sha256_text
+from distil.generation.storage import LocalStore, open_store
 
 VERSION = 2
 LOGPROB_STEP = 1 / 16  # nats per quantization step: a log-prob is off by at most 1/32 (3% of its probability)
@@ -118,6 +119,15 @@ def row_key(teacher_identity: str, prompt: str, settings: dict) -> str:
     return sha256_text(blob)
 
 
+def shard_of(key: str, count: int) -> int:
+    """Which of `count` generation shards (`distil generate --shard I/N`) a row's key falls in.
+
+    A stable hash (the key is a sha256 hex digest: its first 64 bits), the same on every machine,
+    so N machines given shards 0..N-1 each fill their part of one cache without talking.
+    """
+    return int(key[:16], 16) % count
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -146,24 +156,25 @@ def _shard_rows(table: pa.Table) -> list[dict]:
 
 
 class TeacherCache:
-    """A folder of Parquet shards of teacher outputs.
+    """Parquet shards of teacher outputs in a folder or at an fsspec URL (`distil.generation.storage`).
 
     Example:
-        >>> cache = TeacherCache("/tmp/cache")
+        >>> cache = TeacherCache("/tmp/cache")  # or "s3://bucket/teacher-cache"
         >>> cache.write_shard([row, ...])      # rows are dicts with ROW_FIELDS
         >>> rows = cache.read({row["key"]})
     """
 
     def __init__(self, root: str | os.PathLike, compact: bool = True):
-        self.root = Path(root)
+        self.store = open_store(root)
+        self.root = self.store.root
         self.compact = compact  # write version 2 (else version 1, float32: exact soft targets)
 
-    def shards(self) -> list[Path]:
-        return sorted(self.root.glob("shard-*.parquet")) if self.root.is_dir() else []
+    def shards(self) -> list:
+        return self.store.glob("shard-*.parquet")
 
-    def _readable(self, path: Path, columns: list[str] | None = None) -> pa.Table | None:
+    def _readable(self, path, columns: list[str] | None = None) -> pa.Table | None:
         try:
-            return pq.read_table(path, columns=columns)
+            return self.store.read_table(path, columns)
         except (pa.ArrowException, OSError) as e:
             warnings.warn(f"teacher cache: skipping unreadable shard {path}: {e}")
             return None
@@ -196,7 +207,7 @@ class TeacherCache:
         return rows
 
     def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.shards())
+        return sum(self.store.size(p) for p in self.shards())
 
     def stats(self) -> dict:
         """Rows, generated tokens, bytes, bytes per generated token and its parts (per stored column)."""
@@ -204,8 +215,8 @@ class TeacherCache:
         parts: dict[str, int] = {}
         for shard in self.shards():
             try:
-                meta = pq.ParquetFile(shard).metadata
-                lengths = pc.list_value_length(pq.read_table(shard, columns=["token_ids"]).column("token_ids"))
+                meta = self.store.metadata(shard)
+                lengths = pc.list_value_length(self.store.read_table(shard, ["token_ids"]).column("token_ids"))
             except (pa.ArrowException, OSError):
                 continue
             rows += meta.num_rows
@@ -222,8 +233,9 @@ class TeacherCache:
                 "bytes_per_token": round(size / tokens, 1) if tokens else None, "bytes_per_token_parts": per_token}
 
     def remove_stale_temporaries(self) -> None:
-        """Delete temporary shards whose writing process is gone (a kill mid-write)."""
-        for tmp in self.root.glob(".shard-*.tmp") if self.root.is_dir() else []:
+        """Delete temporary shards whose writing process is gone (a kill mid-write; folders only: a URL
+        store uploads each shard in one put and leaves no temporaries)."""
+        for tmp in self.store.glob(".shard-*.tmp") if isinstance(self.store, LocalStore) else []:
             try:
                 pid = int(tmp.name.split(".")[-2].split("-")[0])
             except ValueError:
@@ -231,9 +243,9 @@ class TeacherCache:
             if not _pid_alive(pid):
                 tmp.unlink(missing_ok=True)
 
-    def write_shard(self, rows: list[dict]) -> Path:
-        """Write rows as one new shard, atomically: temp file, fsync, rename, fsync the folder."""
-        final = self.root / f"shard-{uuid.uuid4().hex[:16]}.parquet"
+    def write_shard(self, rows: list[dict]):
+        """Write rows as one new shard, atomically (a folder: temp file, fsync, rename; a URL: one put)."""
+        name = f"shard-{uuid.uuid4().hex[:16]}.parquet"
         if self.compact:
             wide = any(max(r["prompt_ids"], default=0) >= 2 ** 16 or max(r["token_ids"], default=0) >= 2 ** 16
                        or max((max(t) for t in r["topk_ids"] if t), default=0) >= 2 ** 16 for r in rows)
@@ -242,10 +254,9 @@ class TeacherCache:
         else:
             table = pa.Table.from_pylist(rows, schema=SCHEMA_V1)
         try:
-            write_atomic(final, lambda tmp: pq.write_table(table, tmp, compression="zstd",
-                                                           compression_level=COMPRESSION_LEVEL))
+            return self.store.write(name, lambda target: pq.write_table(table, target, compression="zstd",
+                                                                       compression_level=COMPRESSION_LEVEL))
         except OSError as e:
             reason = "disk full" if is_disk_full(e) else e.strerror or str(e)
             raise DistilError(f"cannot write teacher cache shard ({reason}); rows already cached are intact",
-                              file=str(final)) from None
-        return final
+                              file=f"{self.store}/{name}") from None

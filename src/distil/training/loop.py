@@ -11,6 +11,7 @@ the loss.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -34,6 +35,9 @@ from distil.training.objective import DistillationObjective
 from distil.training.online import rollout, teacher_forward
 
 
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "comet_ml": "comet-ml"}  # pip names, where not the tracker's
+
+
 def lr_lambda(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
     """Multiplier of the peak learning rate at `step`: linear warmup, then the schedule."""
     if step < warmup:
@@ -43,6 +47,18 @@ def lr_lambda(step: int, *, warmup: int, total: int, schedule: str, min_ratio: f
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
     return min_ratio + (1 - min_ratio) * shape
+
+
+def check_trackers(report_to: tuple[str, ...]) -> None:
+    """Every tracker of train.report_to has its package installed (Accelerate would leave it out silently)."""
+    from accelerate.tracking import get_available_trackers
+
+    available = {str(t) for t in get_available_trackers()}
+    missing = [name for name in report_to if name not in available]
+    if missing:
+        raise DistilError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed "
+                          f"(pip install {' '.join(TRACKER_PACKAGES.get(m, m) for m in missing)})",
+                          field="train.report_to")
 
 
 def micro_batch_order(n_rows: int, micro_batch: int, seed: int, start: int, count: int,
@@ -141,10 +157,15 @@ class Loop:
     not change the loss.
     """
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, report_to: tuple[str, ...] = (), logging_dir: Path | None = None):
+        """`report_to`: Accelerate's experiment trackers (tensorboard, wandb, mlflow, ...) that get each logged
+        metrics line besides the JSONL log; those that write files write them under `logging_dir`."""
+        check_trackers(report_to)
         # On a machine without an accelerator, `cpu=True` lets Accelerate pick up a torchrun /
         # `accelerate launch` environment as multi-process CPU training (gloo).
-        self.accelerator = Accelerator(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))
+        self.accelerator = Accelerator(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+                                       log_with=list(report_to) or None,
+                                       project_dir=str(logging_dir) if report_to and logging_dir else None)
         torch.manual_seed(seed)
         random.seed(seed)
 
@@ -213,6 +234,10 @@ class Loop:
 
         objective, optimizer = accelerator.prepare(objective, optimizer)
         objective.train()
+        tracking = bool(accelerator.log_with)
+        if tracking:
+            accelerator.init_trackers(run_name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                        for k, v in dataclasses.asdict(s).items()})
         world, rank = accelerator.num_processes, accelerator.process_index
         micro_per_step = s.grad_accum * world
         task = progress.add_task(f"train {run_name}", total=s.steps, completed=start_step, status="") if progress else None
@@ -245,12 +270,16 @@ class Loop:
                 if (step + 1) % s.log_every == 0 or step + 1 == s.steps:
                     with open(log_path, "a") as f:
                         f.write(json.dumps(last) + "\n")
+                    if tracking:  # the same line, under the same names, to the recipe's train.report_to
+                        accelerator.log({k: v for k, v in last.items() if k != "step"}, step=step + 1)
                 if s.checkpoint_every and (step + 1) % s.checkpoint_every == 0 and step + 1 < s.steps:
                     _save_checkpoint(ckpt_dir, step + 1, accelerator.unwrap_model(objective), optimizer, scheduler)
             if progress:
                 rate = (step + 1 - start_step) / (time.time() - t0)
                 progress.update(task, advance=1, status=f"{rate:.2f} step/s  loss {last['loss']:.3f}")
         accelerator.wait_for_everyone()
+        if tracking:
+            accelerator.end_training()  # flushes and closes the trackers' files and runs
         return {"steps": s.steps, "resumed_from": start_step, "final": last, unit: seen,
                 "seconds": round(time.time() - t0, 2)}
 
@@ -280,7 +309,7 @@ def train_student(student, rows: list[dict], cfg: TrainConfig, *, pad_id: int, o
     hidden = cfg.hidden
     if (on_policy or hidden) and teacher is None:
         raise DistilError("needs a local teacher model during training", field="train.hidden" if hidden else "train.mode")
-    loop = Loop(cfg.seed)
+    loop = Loop(cfg.seed, tuple(cfg.report_to), out_dir / "logs")
     if cfg.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)
         student.get_output_embeddings().weight.requires_grad_(False)

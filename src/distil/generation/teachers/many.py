@@ -27,9 +27,10 @@ from distil.data.batches import collate
 from distil.data.examples import Example
 from distil.data.splits import load_data
 from distil.errors import DistilError
-from distil.files import check_writable, sha256_text
+from distil.files import sha256_text
 from distil.generation.cache import TeacherCache, row_key
 from distil.generation.decoding import target_log_probs, topk_with_tail
+from distil.generation.storage import open_store
 from distil.generation.teachers.one import generate_rows
 from distil.generation.view import TeacherPrompts
 from distil.progress import progress_bar
@@ -202,7 +203,7 @@ def generate_many(recipe, examples: list[Example]) -> dict:
     """The generate stage for `teachers:`: each teacher answers its share (route), or the first teacher
     writes and all score (ensemble). Returns the single-teacher summary per teacher, and totals."""
     teachers = Teachers(recipe)
-    check_writable(recipe.cache_dir, "cache")
+    open_store(recipe.cache_dir).check_writable("cache")
     routes = teachers.route(examples)
     summary = {"mode": teachers.mode, "rows": 0, "cached_before": 0, "generated": 0, "tokens": 0, "seconds": 0.0,
                "cache": str(recipe.cache_dir), "teachers": {}}

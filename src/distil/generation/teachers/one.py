@@ -22,7 +22,7 @@ def generate_rows(recipe: Recipe, view: TeacherPrompts, examples: list[Example])
     done = cache.keys()
     todo: dict[str, str] = {k: p for k, p in zip(keys, prompts) if k not in done}
     summary = {"rows": len(set(keys)), "cached_before": len(set(keys)) - len(todo), "generated": 0, "tokens": 0,
-               "seconds": 0.0, "cache": str(cache.root)}
+               "seconds": 0.0, "cache": str(cache.store)}
     if not todo:
         return summary
     if recipe.teacher.type == "openai":

@@ -36,6 +36,7 @@ from distil.files import write_json
 from distil.generation.cache import SHARD_SECONDS, TeacherCache
 from distil.generation.decoding import encode_prompt
 from distil.generation.explain import teacher_chat
+from distil.generation.teachers.replicas import Replica, ReplicaPool
 from distil.models.tokens import TokenMap
 from distil.progress import progress_bar
 
@@ -54,9 +55,11 @@ class Permanent(Exception):
 
 
 class _Retry(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None):
+    """A failed request worth another try; `unwell`: the server itself failed (5xx, timeout, connection)."""
+
+    def __init__(self, reason: str, retry_after: float | None = None, unwell: bool = False):
         super().__init__(reason)
-        self.reason, self.retry_after = reason, retry_after
+        self.reason, self.retry_after, self.unwell = reason, retry_after, unwell
 
 
 @dataclass
@@ -236,6 +239,7 @@ class OpenAITeacher:
         self.config, self.settings, self.tokenizer, self.name = config, generate, tokenizer, name
         self.builder = RowBuilder(tokenizer, config.top_logprobs)
         self.usage = Usage()
+        self.pool = ReplicaPool(config.urls, config.max_concurrency, config.replica_cooldown)
         self.headers = {}
         if config.api_key_env:
             key = os.environ.get(config.api_key_env)
@@ -261,25 +265,28 @@ class OpenAITeacher:
                 body["logprobs"] = c.top_logprobs
         return body
 
-    async def _ask(self, client: httpx.AsyncClient, limiter: _RateLimiter, sem: asyncio.Semaphore, body: dict) -> Reply:
+    async def _ask(self, client: httpx.AsyncClient, limiter: _RateLimiter, pool: ReplicaPool,
+                   body: dict) -> tuple[Reply, Replica]:
         c = self.config
         path = "chat/completions" if c.endpoint == "chat" else "completions"
         missing_logprobs = 0
         for attempt in range(c.max_retries + 1):
             await limiter.wait()
+            replica = None
             try:
-                async with sem:
+                async with pool.take() as replica:
                     self.usage.requests += 1
                     try:
-                        resp = await client.post(path, json=body)
+                        resp = await client.post(replica.url + path, json=body)
                     except httpx.TimeoutException:
-                        raise _Retry("timeout") from None
+                        raise _Retry("timeout", unwell=True) from None
                     except httpx.TransportError as e:
-                        raise _Retry(f"connection ({type(e).__name__})") from None
+                        raise _Retry(f"connection ({type(e).__name__})", unwell=True) from None
                 if resp.status_code in RETRY_STATUS or resp.status_code >= 500:
-                    raise _Retry(f"HTTP {resp.status_code}", _retry_after(resp.headers.get("retry-after")))
+                    raise _Retry(f"HTTP {resp.status_code}", _retry_after(resp.headers.get("retry-after")),
+                                 unwell=resp.status_code >= 500)
                 if resp.status_code != 200:
-                    raise Permanent(f"HTTP {resp.status_code} from {c.base_url}: {_error_message(resp)}")
+                    raise Permanent(f"HTTP {resp.status_code} from {replica.url.rstrip('/')}: {_error_message(resp)}")
                 try:
                     reply = parse_reply(resp.json(), c.endpoint)
                 except (ValueError, KeyError, TypeError, IndexError, AttributeError):
@@ -293,17 +300,23 @@ class OpenAITeacher:
                         missing_logprobs += 1
                         raise _Retry("log-probs missing")
                 self.logprobs_seen |= reply.tokens is not None
-                return reply
+                pool.succeeded(replica)
+                return reply, replica
             except _Retry as r:
                 self.usage.retries[r.reason] += 1
+                pool.failed(replica, r.reason, take_out=r.unwell)
                 if attempt == c.max_retries:
-                    raise Permanent(f"{c.base_url} failed {attempt + 1} times in a row (last: {r.reason})") from None
+                    where = replica.url.rstrip("/") if len(pool.replicas) == 1 else f"{len(pool.replicas)} replicas"
+                    raise Permanent(f"{where} failed {attempt + 1} times in a row (last: {r.reason})") from None
+                if r.unwell and pool.others_up(replica):
+                    continue  # another replica takes the row now; this one sits out its cool-down
                 delay = r.retry_after if r.retry_after is not None else \
                     min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** attempt) * (0.5 + random.random())
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
-    def _add(self, buffer: list[dict], key: str, prompt: str, prompt_ids: list[int], reply: Reply) -> None:
+    def _add(self, buffer: list[dict], key: str, prompt: str, prompt_ids: list[int], reply: Reply,
+             replica: Replica) -> None:
         fields, soft = self.builder.build(reply)
         if soft:
             self.usage.rows_soft += 1
@@ -313,8 +326,11 @@ class OpenAITeacher:
             # The endpoint did not say: count with the local tokenizer, and say how many rows were counted so.
             self.usage.rows_counted_locally += 1
         self.usage.prompt_tokens += reply.prompt_tokens if reply.prompt_tokens is not None else len(prompt_ids)
-        self.usage.completion_tokens += (reply.completion_tokens if reply.completion_tokens is not None
-                                         else len(fields["token_ids"]) - (fields["finish_reason"] == "stop"))
+        completion = (reply.completion_tokens if reply.completion_tokens is not None
+                      else len(fields["token_ids"]) - (fields["finish_reason"] == "stop"))
+        self.usage.completion_tokens += completion
+        replica.rows += 1
+        replica.completion_tokens += completion
         buffer.append({"key": key, "teacher": self.name, "prompt": prompt, "prompt_ids": prompt_ids, **fields})
 
     def run(self, items: list[tuple[str, str, list[dict], list[int]]], cache: TeacherCache) -> Usage:
@@ -323,7 +339,7 @@ class OpenAITeacher:
 
     async def _run(self, items, cache: TeacherCache) -> Usage:
         c = self.config
-        limiter, sem = _RateLimiter(c.requests_per_minute), asyncio.Semaphore(c.max_concurrency)
+        limiter = _RateLimiter(c.requests_per_minute)
         buffer: list[dict] = []
         last_flush = time.monotonic()
         written = 0
@@ -338,17 +354,17 @@ class OpenAITeacher:
 
         async def one(item):
             key, prompt, messages, prompt_ids = item
-            reply = await self._ask(client, limiter, sem, self.body(prompt, messages))
-            return key, prompt, prompt_ids, reply
+            reply, replica = await self._ask(client, limiter, self.pool, self.body(prompt, messages))
+            return key, prompt, prompt_ids, reply, replica
 
         timeout = httpx.Timeout(c.timeout, connect=min(c.timeout, 30.0))
-        limits = httpx.Limits(max_connections=c.max_concurrency, max_keepalive_connections=c.max_concurrency)
-        base = c.base_url.rstrip("/") + "/"
-        async with httpx.AsyncClient(base_url=base, headers=self.headers, timeout=timeout, limits=limits) as client:
+        in_flight = c.max_concurrency * len(self.pool.replicas)
+        limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
+        async with httpx.AsyncClient(headers=self.headers, timeout=timeout, limits=limits) as client:
             # A bounded window of tasks (the semaphore bounds what is in flight), so a million
             # prompts do not become a million coroutines at once.
             todo, pending = iter(items), set()
-            window = 2 * c.max_concurrency + 8
+            window = 2 * in_flight + 8
 
             def refill():
                 for item in todo:
@@ -366,11 +382,11 @@ class OpenAITeacher:
                         for fut in finished:
                             pending.discard(fut)
                             try:
-                                key, prompt, prompt_ids, reply = fut.result()
+                                key, prompt, prompt_ids, reply, replica = fut.result()
                             except Permanent as e:
                                 raise DistilError(f"teacher endpoint failed for good: {e}; the rows already answered "
                                                   "are cached, rerun to continue", field="teacher.base_url") from None
-                            self._add(buffer, key, prompt, prompt_ids, reply)
+                            self._add(buffer, key, prompt, prompt_ids, reply, replica)
                             if len(buffer) >= self.settings.shard_rows or time.monotonic() - last_flush > SHARD_SECONDS:
                                 flush()
                             rate = self.usage.completion_tokens / max(time.time() - t0, 1e-9)
@@ -423,7 +439,8 @@ def generate_remote(recipe, view, items: list[tuple[str, str, tuple]], cache: Te
                "completion_tokens": usage.completion_tokens, "estimated_cost": round(cost, 6),
                "price_input_per_mtok": c.price_input_per_mtok, "price_output_per_mtok": c.price_output_per_mtok,
                "rows_soft_targets": usage.rows_soft, "rows_text_only": usage.rows_text,
-               "rows_tokens_counted_locally": usage.rows_counted_locally, "seconds": round(seconds, 2)}
+               "rows_tokens_counted_locally": usage.rows_counted_locally, "seconds": round(seconds, 2),
+               "replicas": teacher.pool.summary(seconds)}
         _add_usage(recipe.out_dir / "teacher_usage.json", now)
     generated = usage.rows_soft + usage.rows_text
     summary.update(generated=generated, tokens=usage.completion_tokens, seconds=round(seconds, 2),
@@ -445,18 +462,24 @@ def _add_usage(path, now: dict) -> None:
             total = json.loads(path.read_text())
         except (OSError, ValueError):
             total = {}
-    for k, v in now.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("price_input_per_mtok",
-                                                                                  "price_output_per_mtok"):
-            total[k] = round(total.get(k, 0) + v, 6)
-        elif isinstance(v, dict):
-            merged = dict(total.get(k) or {})
-            for rk, rv in v.items():
-                merged[rk] = merged.get(rk, 0) + rv
-            total[k] = merged
-        else:
-            total[k] = v
     try:
-        write_json(path, total)
+        write_json(path, _merged(total, now))
     except OSError as e:  # the rows are cached; only the running total is lost
         print(f"warning: cannot write {path}: {e.strerror or e}", file=sys.stderr)
+
+
+RATES = ("price_input_per_mtok", "price_output_per_mtok", "tokens_per_s")  # the latest run's, not summed
+
+
+def _merged(total: dict, now: dict) -> dict:
+    """`total` with `now` added: numbers summed, sections merged key by key, anything else replaced."""
+    out = dict(total)
+    for k, v in now.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in RATES:
+            old = out.get(k, 0)
+            out[k] = round((old if isinstance(old, (int, float)) else 0) + v, 6)
+        elif isinstance(v, dict):
+            out[k] = _merged(out.get(k) if isinstance(out.get(k), dict) else {}, v)
+        else:
+            out[k] = v
+    return out
