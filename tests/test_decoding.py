@@ -37,12 +37,37 @@ def prompts(n: int, shared: int, seed: int = 0) -> list[list[int]]:
             for _ in range(n)]
 
 
+@pytest.fixture
+def sliding(tiny_model_dir):
+    """A tiny Mistral with a 6-token sliding window: its cache layers cannot take joining rows."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=6, max_position_embeddings=64)
+    return MistralForCausalLM(config).eval()
+
+
 @pytest.mark.parametrize("shared", [0, 6], ids=["no-shared-prefix", "shared-prefix"])
 @pytest.mark.parametrize("slots", [1, 3, 5])
-def test_continuous_batching_equals_one_prompt_at_a_time(tiny, shared, slots):
-    """Rows joining a running batch (left-padded caches, cut columns) get what they get alone."""
+@pytest.mark.parametrize("order", ["shortest-first", "shuffled"])
+def test_continuous_batching_equals_one_prompt_at_a_time(tiny, shared, slots, order):
+    """Rows joining a running batch (left-padded caches, wider or narrower than it, rows moved
+    into finished rows' places, cut columns) get what they get alone."""
+    check_against_one_at_a_time(tiny, shared, slots, order)
+
+
+@pytest.mark.parametrize("slots", [1, 4])
+def test_a_sliding_window_model_generates_in_whole_batches(sliding, slots):
+    check_against_one_at_a_time(sliding, 6, slots, "shuffled")
+
+
+def check_against_one_at_a_time(model, shared: int, slots: int, order: str):
     ps = sorted(prompts(13, shared), key=len)
+    if order == "shuffled":
+        ps = [ps[i] for i in torch.randperm(len(ps), generator=torch.Generator().manual_seed(3)).tolist()]
     kwargs = dict(pad_id=0, max_new_tokens=9, top_k=4)
+    tiny = model
     free = [generate_batch(tiny, [p], stop_ids=set(), **kwargs)[0] for p in ps]
     # Stop on tokens some rows write early, so slots free up at different steps.
     kwargs["stop_ids"] = {free[0].token_ids[2], free[6].token_ids[5]}

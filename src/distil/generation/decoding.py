@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 
 @dataclass
@@ -110,64 +110,85 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return input_ids, mask
 
 
-class _GrowingLayer(DynamicLayer):
-    """A KV-cache layer with spare positions after its keys and values, so a decode step writes its
-    position in place (a `DynamicLayer` concatenates: a copy of the whole cache every step)."""
+class _SlotLayer(DynamicLayer):
+    """A KV-cache layer in buffers with room to spare: rows [0, rows) and positions [start, end) are live.
 
-    SPARE = 32
+    A decode step writes its position in place (a `DynamicLayer` concatenates: a copy of the whole
+    cache every step), a finished row is overwritten by a live row moved into its place, and a
+    joining group is written into the free rows after the live ones: only growing past the
+    buffer's room copies the whole cache. Positions outside a row's own tokens hold zeros or a
+    departed row's values, all finite and masked out.
+    """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+    def __init__(self, capacity: int, spare: int):
         super().__init__()
-        self.is_initialized, self.device = True, keys.device
-        self.keys, self.values = keys, values
-
-    @staticmethod
-    def _with_spare(states: torch.Tensor) -> torch.Tensor:
-        b, h, t, d = states.shape
-        buffer = states.new_empty((b, h, t + _GrowingLayer.SPARE, d))
-        buffer[:, :, :t] = states
-        return buffer
+        self.capacity, self.spare = capacity, spare  # rows; positions added on the right when growing
+        self._k = self._v = None
+        self.rows = self.start = self.end = 0
+        self.is_initialized = True
 
     @property
     def keys(self):
-        return None if self._k is None else self._k[:, :, :self._n]
+        return None if self._k is None else self._k[:self.rows, :, self.start:self.end]
 
     @keys.setter
-    def keys(self, states):
-        self._k = None if states is None else self._with_spare(states)
-        self._n = 0 if states is None else states.shape[-2]
+    def keys(self, states):  # the base classes' reset to None
+        assert states is None
+        self._k = None
 
     @property
     def values(self):
-        return None if self._v is None else self._v[:, :, :self._n]
+        return None if self._v is None else self._v[:self.rows, :, self.start:self.end]
 
     @values.setter
     def values(self, states):
-        self._v = None if states is None else self._with_spare(states)
+        assert states is None
+        self._v = None
+
+    def _grow(self, left: int, right: int) -> None:
+        """New buffers with `left` more positions before the live ones and `right` after them."""
+        width = self.end - self.start
+        for name in ("_k", "_v"):
+            old = getattr(self, name)
+            new = old.new_zeros((self.capacity, old.shape[1], left + width + right, old.shape[3]))
+            new[:self.rows, :, left:left + width] = old[:self.rows, :, self.start:self.end]
+            setattr(self, name, new)
+        self.start, self.end = left, left + width
+
+    def join(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Add a group's rows after the live ones, its positions ending where theirs end."""
+        g, heads, width, dim = keys.shape
+        if self._k is None:
+            self._k = keys.new_zeros((self.capacity, heads, width + self.spare, dim))
+            self._v = values.new_zeros((self.capacity, heads, width + self.spare, dim))
+            self.start = self.end = width
+        if self.end - width < 0:
+            self._grow(left=width - (self.end - self.start), right=self.spare)
+        self.start = min(self.start, self.end - width)
+        self._k[self.rows:self.rows + g, :, self.end - width:self.end] = keys
+        self._v[self.rows:self.rows + g, :, self.end - width:self.end] = values
+        self.rows += g
 
     def update(self, key_states, value_states, *args, **kwargs):
         n = key_states.shape[-2]
-        if self._n + n > self._k.shape[-2]:
-            self.keys, self.values = self.keys, self.values  # a new buffer with spare room
-        self._k[:, :, self._n:self._n + n] = key_states
-        self._v[:, :, self._n:self._n + n] = value_states
-        self._n += n
+        if self.end + n > self._k.shape[2]:
+            self._grow(left=0, right=n + self.spare)
+        self._k[:self.rows, :, self.end:self.end + n] = key_states
+        self._v[:self.rows, :, self.end:self.end + n] = value_states
+        self.end += n
         return self.keys, self.values
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._k, self._v = self._k[indices], self._v[indices]  # one copy, spare room included
+        """Keep rows `indices` (row i becomes row indices[i]), copying only the rows that move."""
+        moved = (indices != torch.arange(len(indices), device=indices.device)).nonzero().squeeze(-1)
+        if moved.numel():
+            for buffer in (self._k, self._v):
+                buffer[moved, :, self.start:self.end] = buffer[indices[moved], :, self.start:self.end]
+        self.rows = len(indices)
 
-    def drop_left(self, start: int) -> None:
-        """Forget the first `start` positions (no row attends to them any more), without copying."""
-        self._k, self._v, self._n = self._k[:, :, start:], self._v[:, :, start:], self._n - start
-
-
-def _left_pad_cache(layer, width: int) -> None:
-    """Pad a KV-cache layer with zeros on the left of its sequence axis, up to `width` positions."""
-    missing = width - layer.keys.shape[-2]
-    if missing > 0:
-        layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, missing, 0))
-        layer.values = torch.nn.functional.pad(layer.values, (0, 0, missing, 0))
+    def drop_left(self, n: int) -> None:
+        """Forget the first `n` live positions (no row attends to them any more), without copying."""
+        self.start += n
 
 
 class _Batch:
@@ -184,34 +205,45 @@ class _Batch:
     def __len__(self) -> int:
         return self.rows.numel()
 
-    def keep(self, keep: torch.Tensor) -> None:
-        self.mask, self.positions, self.last = self.mask[keep], self.positions[keep], self.last[keep]
-        self.rows, self.slots = self.rows[keep], self.slots[keep]
+    @classmethod
+    def slotted(cls, group: "_Batch", capacity: int, spare: int) -> "_Batch":
+        """An empty batch of `_SlotLayer`s, room for `capacity` rows, shaped for `group` to join."""
+        cache = copy.copy(group.cache)
+        cache.layers = [_SlotLayer(capacity, spare) for _ in group.cache.layers]
+        empty = group.rows[:0]
+        return cls(cache, group.mask[:0, :0], empty, empty, empty, empty)
+
+    def keep(self, finished: torch.Tensor) -> None:
+        """Drop the finished rows: the live rows after the last place they leave move into their places."""
+        alive = ~finished
+        n = int(alive.sum())
+        order = torch.arange(n, device=finished.device)
+        order[finished[:n].nonzero().squeeze(-1)] = alive[n:].nonzero().squeeze(-1) + n
+        self.mask, self.positions, self.last = self.mask[order], self.positions[order], self.last[order]
+        self.rows, self.slots = self.rows[order], self.slots[order]
         for layer in self.cache.layers:
-            layer.batch_select_indices(keep)
+            layer.batch_select_indices(order)
         used = self.mask.any(0).nonzero()
         start = int(used[0]) if used.numel() else 0
-        if start > 0:  # the left columns were padding or finished rows' prompts only
-            self.mask = self.mask[:, start:]
+        if start > 0 and all(isinstance(layer, _SlotLayer) for layer in self.cache.layers):
+            self.mask = self.mask[:, start:]  # the left columns were padding or finished rows' prompts only
             for layer in self.cache.layers:
                 layer.drop_left(start)
 
     def join(self, other: "_Batch") -> None:
-        width = max(self.mask.shape[1], other.mask.shape[1])
+        """Add `other`'s rows (this batch's layers are `_SlotLayer`s)."""
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            _left_pad_cache(mine, width)
-            _left_pad_cache(theirs, width)
-            mine.keys = torch.cat([mine.keys, theirs.keys])
-            mine.values = torch.cat([mine.values, theirs.values])
+            mine.join(theirs.keys, theirs.values)
+        width = self.cache.layers[0].end - self.cache.layers[0].start
         pad = lambda m: torch.nn.functional.pad(m, (width - m.shape[1], 0))  # noqa: E731
         self.mask = torch.cat([pad(self.mask), pad(other.mask)])
         for name in ("positions", "last", "rows", "slots"):
             setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
 
 
-def _joinable(cache) -> bool:
-    """Whether rows can join this cache mid-generation (plain per-layer key/value tensors, no sliding window)."""
-    return all(type(layer) in (DynamicLayer, _GrowingLayer) for layer in cache.layers)
+def _joinable(model) -> bool:
+    """Whether rows can join the model's cache mid-generation (plain per-layer key/value tensors, no sliding window)."""
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
 
 
 @torch.inference_mode()
@@ -237,8 +269,10 @@ def decode(model, prompt_ids: list[list[int]], *, pad_id: int, stop_ids: set[int
     slots = min(slots or n_prompts, n_prompts)
     results = [Generation(prompt_ids=list(p)) for p in prompt_ids]
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    # Chat prompts share a long head (template + system prompt): run it once, not once per row.
-    shared = _shared_prefix_len(prompt_ids) if n_prompts > 1 else 0
+    joinable = _joinable(model)
+    # Chat prompts share a long head (template + system prompt): run it once, not once per row. (Not
+    # with a sliding window: the padding between a row's prefix and its own part would use its room.)
+    shared = _shared_prefix_len(prompt_ids) if n_prompts > 1 and joinable else 0
     prefix = None
     if shared >= MIN_SHARED_PREFIX:
         prefix = model(input_ids=torch.tensor(prompt_ids[0][:shared], device=device)[None], use_cache=True,
@@ -255,22 +289,28 @@ def decode(model, prompt_ids: list[list[int]], *, pad_id: int, stop_ids: set[int
     waiting = iter(range(n_prompts))
     n_waiting = n_prompts
 
-    def prefill(indices: list[int]) -> tuple[_Batch, torch.Tensor]:
-        """Prefill the prompts in runs of similar length (each run padded only to its own longest)."""
-        runs, batch, logits = [[indices[0]]], None, []
+    batch: _Batch | None = None  # the running rows (in `_SlotLayer`s when rows can join)
+
+    def add(indices: list[int]) -> Iterator[tuple[int, Generation]]:
+        """Prefill prompts and add them to the running batch; yields rows that finish at their first token.
+
+        Rows that can join are prefilled in runs of similar length (each padded only to its own longest)."""
+        nonlocal batch
+        runs = [[indices[0]]]
         for i in indices[1:]:
             shortest = len(prompt_ids[runs[-1][0]]) - shared
-            if len(prompt_ids[i]) - shared > PREFILL_PAD_RATIO * shortest + PREFILL_PAD_TOKENS:
+            if joinable and len(prompt_ids[i]) - shared > PREFILL_PAD_RATIO * shortest + PREFILL_PAD_TOKENS:
                 runs.append([])
             runs[-1].append(i)
         for run in runs:
-            part, part_logits = prefill_run(run)
-            logits.append(part_logits)
-            if batch is None:
-                batch = part
-            else:
-                batch.join(part)
-        return batch, torch.cat(logits)
+            group, logits = prefill_run(run)
+            yield from step_and_finish(group, logits)
+            if not joinable:
+                batch = group
+            elif len(group):
+                if batch is None:
+                    batch = _Batch.slotted(group, slots, spare=max_new_tokens)
+                batch.join(group)
 
     def prefill_run(indices: list[int]) -> tuple[_Batch, torch.Tensor]:
         cache, prefix_mask = None, None
@@ -286,12 +326,10 @@ def decode(model, prompt_ids: list[list[int]], *, pad_id: int, stop_ids: set[int
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                     logits_to_keep=1)
-        if _joinable(out.cache):
-            out.cache.layers = [_GrowingLayer(layer.keys, layer.values) for layer in out.cache.layers]
         taken = [free.pop() for _ in indices]
-        batch = _Batch(out.cache, mask, positions[:, -1] + 1, torch.zeros(len(indices), dtype=torch.long, device=device),
+        group = _Batch(out.cache, mask, positions[:, -1] + 1, torch.zeros(len(indices), dtype=torch.long, device=device),
                        torch.tensor(indices, device=device), torch.tensor(taken, device=device))
-        return batch, out.logits[:, -1]
+        return group, out.logits[:, -1]
 
     def record(batch: _Batch, logits: torch.Tensor) -> torch.Tensor:
         """Choose and store each row's next token; returns which rows finished."""
@@ -342,7 +380,7 @@ def decode(model, prompt_ids: list[list[int]], *, pad_id: int, stop_ids: set[int
                 finished = finished | torch.tensor([r in extra for r in batch.rows.tolist()], device=device)
         if finished.any():
             yield from finish(batch, finished, by_stop)
-            batch.keep((~finished).nonzero().squeeze(-1))
+            batch.keep(finished)
 
     def take(n: int) -> list[int]:
         nonlocal n_waiting
@@ -352,25 +390,13 @@ def decode(model, prompt_ids: list[list[int]], *, pad_id: int, stop_ids: set[int
 
     # Refill when a quarter of the slots are free: prefilling a group costs about as much as one step.
     refill_at = max(1, slots // 4)
-    batch, logits = prefill(take(slots))
-    yield from step_and_finish(batch, logits)
-    joinable = _joinable(batch.cache)
-    while len(batch) or n_waiting:
-        if n_waiting and joinable and (len(free) >= refill_at or len(batch) == 0):
-            group, logits = prefill(take(len(free)))
-            yield from step_and_finish(group, logits)
-            if len(group):
-                if len(batch):
-                    batch.join(group)
-                else:
-                    batch = group
-        elif n_waiting and len(batch) == 0:  # rows cannot join this model's cache: start a new batch
-            batch, logits = prefill(take(len(free)))
-            yield from step_and_finish(batch, logits)
+    yield from add(take(slots))
+    while n_waiting or (batch is not None and len(batch)):
+        live = 0 if batch is None else len(batch)
+        if n_waiting and (live == 0 or (joinable and len(free) >= refill_at)):
+            yield from add(take(len(free)))
             continue
-        if not len(batch):
-            continue
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=-1)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((live, 1))], dim=-1)
         out = model(input_ids=batch.last[:, None], attention_mask=batch.mask, position_ids=batch.positions[:, None],
                     cache=batch.cache, use_cache=True)
         batch.positions = batch.positions + 1
