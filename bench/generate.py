@@ -1,7 +1,7 @@
 """Teacher generation speed: distil's batched loop (keeping top-k soft targets) against plain
 transformers `generate`, one prompt at a time and at batch 16, on the same prompts, in one run.
 
-    python bench/generate.py --prompts 128 --max-new-tokens 48
+    python bench/generate.py --prompts 256 --batch-sizes 128,256 [--dtype bfloat16]
 
 Tokens are counted up to and including the first stop token of each row (padding after a
 finished row is not counted for either side). Prints a JSON summary and a Markdown table row.
@@ -78,11 +78,12 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--batch-sizes", default="64,128", help="distil batch sizes to try")
+    parser.add_argument("--dtype", default="float32", help="the teacher's weights for every run (teacher.dtype)")
     args = parser.parse_args()
 
     source = sources.resolve(args.model)
     tokenizer = sources.load_tokenizer(source.directory)
-    model = sources.load_causal_lm(source.directory)
+    model = sources.load_causal_lm(source.directory, dtype=args.dtype)
     teacher = LocalTeacher(model, tokenizer, source.identity, source.name)
     examples = load_examples(shipped("data/quickstart/train.jsonl"))[: args.prompts]
     prompts = [format_prompt(tokenizer, ex.messages) for ex in examples]

@@ -207,3 +207,26 @@ def test_report_shows_student_minus_baseline_with_its_interval(tmp_path, report)
     report["metrics"][name]["student_minus_baseline"] = {"value": 0.0031, "ci95": [-0.004, 0.0102]}
     html = write_html_report(report, tmp_path / "r.html").read_text()
     assert "student \u2212 baseline [95% CI]" in html and "+0.0031 [-0.004, +0.0102]" in html
+
+
+def test_distinct_answers_count_answers_no_other_prompt_repeats():
+    from distil.evaluation.scoring import distinct_share
+
+    answers = ["Paris is the capital.", "paris  is the   capital.", "It is 4.", "Blue.", "I am a bot", "I am a bot"]
+    assert distinct_share(answers) == pytest.approx(2 / 6)  # case and spacing do not make an answer distinct
+    assert distinct_share(["a", "b", "c"]) == 1.0 and distinct_share([]) == 0.0
+
+
+def test_the_headline_does_not_call_a_student_that_ignores_its_prompts_good():
+    from distil.evaluation.metrics import metrics_block
+    from distil.evaluation.scoring import LM_METRICS, _headline
+
+    def headline(student_distinct):
+        values = {"teacher": {"top1_agreement": 1.0, "distinct_answers": 0.98},
+                  "student": {"top1_agreement": 0.7, "distinct_answers": student_distinct}}
+        return _headline(metrics_block(values, LM_METRICS), 4.0, 3.0)
+
+    assert "distinct" not in headline(0.95)
+    warned = headline(0.3)
+    assert "only 30% of its held-out answers are distinct (the teacher's: 98%)" in warned
+    assert "does not follow them" in warned

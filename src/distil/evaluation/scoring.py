@@ -1,6 +1,8 @@
 """Score teacher, student and baseline side by side, and write the report card.
 
 Metrics on the held-out split:
+  - distinct_answers: share of prompts whose greedy answer no other prompt's repeats (a student
+    that ignores its prompts answers many of them alike; the headline says so);
   - token_f1: generated answer against `reference` (SQuAD-style token F1), where rows have one;
   - top1_agreement: the model's most likely next token equals the teacher's, on the teacher's
     held-out text;
@@ -116,6 +118,7 @@ def evaluate_run(recipe, view, examples, rows: list[dict], teacher_rows: list[di
         values[name] = summarize(scores[name])
         if ref_rows:
             values[name]["perplexity_reference"] = math.exp(sum(s["nll"] for s in ref_scores[name]) / sum(s["n"] for s in ref_scores[name]))
+        values[name]["distinct_answers"] = distinct_share(answers[name])
         pairs = [(a, r) for a, r in zip(answers[name], references) if r]
         if pairs:
             values[name]["token_f1"] = sum(token_f1(a, r) for a, r in pairs) / len(pairs)
@@ -155,6 +158,7 @@ def evaluate_run(recipe, view, examples, rows: list[dict], teacher_rows: list[di
 
 
 LM_METRICS = {
+    "distinct_answers": (True, "share of held-out prompts whose greedy answer differs from every other prompt's"),
     "token_f1": (True, "token F1 of greedy answers against the reference"),
     "answer_f1": (True, "token F1 of the final 'Answer:' line against the reference (0 where none)"),
     "answer_found": (True, "share of answers that end with a parsable 'Answer:' line"),
@@ -198,10 +202,28 @@ def _per_category(examples, rows, scores, answers, references) -> dict:
     return result
 
 
+def distinct_share(answers: list[str]) -> float:
+    """Share of answers that no other answer repeats (compared lowercased, whitespace collapsed):
+    a student that answers many prompts with the same sentence ignores them, whatever its token F1."""
+    if not answers:
+        return 0.0
+    counts = collections.Counter(" ".join(a.lower().split()) for a in answers)
+    return sum(counts[" ".join(a.lower().split())] == 1 for a in answers) / len(answers)
+
+
+# The headline warns when the student's answers are distinct this much less often than the teacher's.
+DISTINCT_WARNING_RATIO = 0.9
+
+
 def _headline(metrics: dict, compression: float, speedup: float) -> str:
     parts = []
     if "token_f1" in metrics and metrics["token_f1"]["retention"] is not None:
         parts.append(f"keeps {metrics['token_f1']['retention']:.0%} of the teacher's token F1")
     if "top1_agreement" in metrics:
         parts.append(f"agrees with the teacher on {metrics['top1_agreement']['student']:.0%} of next tokens")
-    return f"The student {' and '.join(parts)}, at {compression:.1f}x fewer parameters and {speedup:.1f}x the teacher's tokens/s."
+    line = f"The student {' and '.join(parts)}, at {compression:.1f}x fewer parameters and {speedup:.1f}x the teacher's tokens/s."
+    distinct = metrics.get("distinct_answers")
+    if distinct and distinct["student"] < DISTINCT_WARNING_RATIO * distinct["teacher"]:
+        line += (f" But only {distinct['student']:.0%} of its held-out answers are distinct (the teacher's: "
+                 f"{distinct['teacher']:.0%}): it gives many prompts the same answer, so it does not follow them yet.")
+    return line
