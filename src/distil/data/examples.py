@@ -228,17 +228,7 @@ def _read_parquet(file: str) -> Iterator[tuple[dict, dict]]:
         schema = parquet.schema_arrow
     except (OSError, pa.ArrowException) as e:
         raise DistilError(f"cannot read as Parquet: {_one_line(str(e))}", file=file) from e
-    names = set(schema.names)
-    if "prompt" not in names and "messages" not in names:
-        raise DistilError(f'needs a "prompt" or "messages" column; found {", ".join(schema.names)}',
-                          file=file, field="prompt")
-    # Check column types up front: one clear error instead of one per row.
-    for name in ("prompt",) + OPTIONAL_FIELDS:
-        if name in names and not _is_string_type(schema.field(name).type):
-            raise DistilError(f"expected a string column, got {schema.field(name).type}",
-                              file=file, field=name)
-    wanted = [n for n in ("prompt", "messages") + OPTIONAL_FIELDS if n in names]
-    messages_as_text = "messages" in names and _is_string_type(schema.field("messages").type)
+    wanted, messages_as_text = _checked_columns(schema, file)
     number = 0
     try:
         batches = parquet.iter_batches(columns=wanted)
@@ -254,19 +244,25 @@ def _read_parquet(file: str) -> Iterator[tuple[dict, dict]]:
                           file=file, row=number + 1) from e
 
 
-def _read_dataset(location: str) -> Iterator[tuple[dict, dict]]:
-    """A Hugging Face dataset's rows, checked like a Parquet file's columns."""
-    dataset = open_dataset(location)
-    schema = dataset.data.schema
+def _checked_columns(schema, file: str) -> tuple[list[str], bool]:
+    """The columns to read from a table of prompts (its pyarrow schema), and whether "messages" holds JSON text.
+
+    Column types are checked up front: one clear error instead of one per row."""
     names = set(schema.names)
     if "prompt" not in names and "messages" not in names:
         raise DistilError(f'needs a "prompt" or "messages" column; found {", ".join(schema.names)}',
-                          file=location, field="prompt")
+                          file=file, field="prompt")
     for name in ("prompt",) + OPTIONAL_FIELDS:
         if name in names and not _is_string_type(schema.field(name).type):
-            raise DistilError(f"expected a string column, got {schema.field(name).type}", file=location, field=name)
+            raise DistilError(f"expected a string column, got {schema.field(name).type}", file=file, field=name)
     wanted = [n for n in ("prompt", "messages") + OPTIONAL_FIELDS if n in names]
-    messages_as_text = "messages" in names and _is_string_type(schema.field("messages").type)
+    return wanted, "messages" in names and _is_string_type(schema.field("messages").type)
+
+
+def _read_dataset(location: str) -> Iterator[tuple[dict, dict]]:
+    """A Hugging Face dataset's rows, checked like a Parquet file's columns."""
+    dataset = open_dataset(location)
+    wanted, messages_as_text = _checked_columns(dataset.data.schema, location)
     for number, row in enumerate(dataset.select_columns(wanted).to_list(), start=1):
         row = {k: v for k, v in row.items() if v is not None}
         if messages_as_text and "messages" in row:
