@@ -214,7 +214,7 @@ class _Batch:
         return cls(cache, group.mask[:0, :0], empty, empty, empty, empty)
 
     def keep(self, finished: torch.Tensor) -> None:
-        """Drop the finished rows: the live rows after the last place they leave move into their places."""
+        """Drop the finished rows: live rows from the end of the batch move into their places (only they are copied)."""
         alive = ~finished
         n = int(alive.sum())
         order = torch.arange(n, device=finished.device)
@@ -243,7 +243,11 @@ class _Batch:
 
 def _joinable(model) -> bool:
     """Whether rows can join the model's cache mid-generation (plain per-layer key/value tensors, no sliding window)."""
-    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except (AttributeError, TypeError, ValueError):  # a config transformers builds no cache from: decode whole batches
+        return False
+    return all(type(layer) is DynamicLayer for layer in layers)
 
 
 @torch.inference_mode()
