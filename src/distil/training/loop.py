@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -157,14 +158,22 @@ class Loop:
     not change the loss.
     """
 
-    def __init__(self, seed: int, report_to: tuple[str, ...] = (), logging_dir: Path | None = None):
+    def __init__(self, seed: int, report_to: tuple[str, ...] = (), logging_dir: Path | None = None,
+                 mixed_precision: str = "no"):
         """`report_to`: Accelerate's experiment trackers (tensorboard, wandb, mlflow, ...) that get each logged
-        metrics line besides the JSONL log; those that write files write them under `logging_dir`."""
+        metrics line besides the JSONL log; those that write files write them under `logging_dir`.
+        `mixed_precision` ("no" or "bf16", the recipe's train.mixed_precision) is Accelerate's: the prepared
+        objective's forward runs under bf16 autocast, parameters and optimizer state stay float32. It is
+        the recipe's value, whatever an `accelerate launch` config says."""
         check_trackers(report_to)
+        # Accelerate keeps one mixed-precision setting per process; a process that trains several recipes
+        # (a notebook, the tests) drops it when it changes. The process group (PartialState) stays.
+        if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
+            AcceleratorState._reset_state()
         # On a machine without an accelerator, `cpu=True` lets Accelerate pick up a torchrun /
         # `accelerate launch` environment as multi-process CPU training (gloo).
         self.accelerator = Accelerator(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
-                                       log_with=list(report_to) or None,
+                                       mixed_precision=mixed_precision, log_with=list(report_to) or None,
                                        project_dir=str(logging_dir) if report_to and logging_dir else None)
         torch.manual_seed(seed)
         random.seed(seed)
@@ -309,7 +318,9 @@ def train_student(student, rows: list[dict], cfg: TrainConfig, *, pad_id: int, o
     hidden = cfg.hidden
     if (on_policy or hidden) and teacher is None:
         raise DistilError("needs a local teacher model during training", field="train.hidden" if hidden else "train.mode")
-    loop = Loop(cfg.seed, tuple(cfg.report_to), out_dir / "logs")
+    loop = Loop(cfg.seed, tuple(cfg.report_to), out_dir / "logs", mixed_precision=cfg.mixed_precision)
+    if cfg.gradient_checkpointing:
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)
         student.get_output_embeddings().weight.requires_grad_(False)
@@ -348,9 +359,12 @@ def train_student(student, rows: list[dict], cfg: TrainConfig, *, pad_id: int, o
                             seed=cfg.seed, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                             adam_betas=tuple(cfg.adam_betas), schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
     share = (lambda batches: {"on_policy_share": sum(b.on_policy for b in batches) / len(batches)}) if on_policy else None
-    return loop.run(objective, micro_batch, len(rows), settings, out_dir=out_dir, run_name=run_name,
-                    names=("loss", "ce", "kd") + (("hidden",) if hidden else ()), unit="tokens", resume=resume,
-                    fingerprint=fingerprint, progress=progress, step_log=share)
+    summary = loop.run(objective, micro_batch, len(rows), settings, out_dir=out_dir, run_name=run_name,
+                       names=("loss", "ce", "kd") + (("hidden",) if hidden else ()), unit="tokens", resume=resume,
+                       fingerprint=fingerprint, progress=progress, step_log=share)
+    if cfg.gradient_checkpointing:
+        student.activation_checkpointing_disable()
+    return summary
 
 
 def _check_hidden_layers(pairs, student, teacher) -> None:

@@ -83,7 +83,7 @@ class DistillationObjective(nn.Module):
 
     def forward(self, batch: Batch):
         out = self.student.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                      output_hidden_states=bool(self.hidden_pairs))
+                                      output_hidden_states=bool(self.hidden_pairs), use_cache=False)
         hidden = out.last_hidden_state.flatten(0, 1)[batch.target_pos]
         alpha = 0.0 if batch.on_policy else self.alpha
         n = hidden.shape[0]
