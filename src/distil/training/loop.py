@@ -34,6 +34,7 @@ from distil.errors import DistilError, is_disk_full
 from distil.files import write_atomic
 from distil.training.objective import DistillationObjective
 from distil.training.online import rollout, teacher_forward
+from distil.training import sharding
 
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "comet_ml": "comet-ml"}  # pip names, where not the tracker's
@@ -175,6 +176,7 @@ class Loop:
         self.accelerator = Accelerator(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
                                        mixed_precision=mixed_precision, log_with=list(report_to) or None,
                                        project_dir=str(logging_dir) if report_to and logging_dir else None)
+        sharding.check_engine(self.accelerator)
         torch.manual_seed(seed)
         random.seed(seed)
 
@@ -228,7 +230,8 @@ class Loop:
             stamp.write_text(fingerprint)
         accelerator.wait_for_everyone()
         found = latest_checkpoint(ckpt_dir) if resume and same_run else None
-        if found is not None:
+        sharded = sharding.is_sharded(accelerator)
+        if found is not None and not sharded:
             load_model(objective, str(found / "model.safetensors"))
             state = torch.load(found / "train_state.pt", weights_only=True)
             optimizer.load_state_dict(state["optimizer"])
@@ -238,10 +241,19 @@ class Loop:
             start_step = state["step"]
             if accelerator.is_main_process:
                 truncate_log(log_path, start_step)
-        elif log_path.exists() and accelerator.is_main_process:
+        elif found is None and log_path.exists() and accelerator.is_main_process:
             log_path.unlink()
 
+        sharding.configure_deepspeed(accelerator, batch_size=s.batch_size, grad_accum=s.grad_accum,
+                                     max_grad_norm=s.max_grad_norm)
         objective, optimizer = accelerator.prepare(objective, optimizer)
+        params = [p for p in objective.parameters() if p.requires_grad]  # FSDP2 replaced them with sharded ones
+        if found is not None and sharded:  # shards load into the prepared (sharded) model and optimizer
+            state = sharding.load_sharded_checkpoint(accelerator, found)
+            scheduler.load_state_dict(state["scheduler"])
+            start_step = state["step"]
+            if accelerator.is_main_process:
+                truncate_log(log_path, start_step)
         objective.train()
         tracking = bool(accelerator.log_with)
         if tracking:
@@ -258,12 +270,14 @@ class Loop:
             local_count = torch.tensor(float(sum(count for _, count in batches)), device=accelerator.device)
             global_count = accelerator.reduce(local_count, reduction="sum").item()
             sums = 0
+            scale = world / global_count * sharding.backward_scale(accelerator, len(batches))
             for i, (batch, _) in enumerate(batches):
                 sync = i == len(batches) - 1
+                sharding.set_boundary(accelerator, sync)
                 with contextlib.nullcontext() if sync else accelerator.no_sync(objective):
                     parts = objective(batch)
                     # DDP averages gradients over processes: scale so the result is sum / global count.
-                    accelerator.backward(parts[0] * world / global_count)
+                    accelerator.backward(parts[0] * scale)
                 sums = sums + torch.stack([p.detach() for p in parts]).cpu()
             if s.max_grad_norm:
                 accelerator.clip_grad_norm_(params, s.max_grad_norm)
@@ -281,12 +295,17 @@ class Loop:
                         f.write(json.dumps(last) + "\n")
                     if tracking:  # the same line, under the same names, to the recipe's train.report_to
                         accelerator.log({k: v for k, v in last.items() if k != "step"}, step=step + 1)
-                if s.checkpoint_every and (step + 1) % s.checkpoint_every == 0 and step + 1 < s.steps:
+            if s.checkpoint_every and (step + 1) % s.checkpoint_every == 0 and step + 1 < s.steps:
+                if sharded:
+                    sharding.save_sharded_checkpoint(accelerator, ckpt_dir, step + 1,
+                                                     {"scheduler": scheduler.state_dict()})
+                elif accelerator.is_main_process:
                     _save_checkpoint(ckpt_dir, step + 1, accelerator.unwrap_model(objective), optimizer, scheduler)
             if progress:
                 rate = (step + 1 - start_step) / (time.time() - t0)
                 progress.update(task, advance=1, status=f"{rate:.2f} step/s  loss {last['loss']:.3f}")
         accelerator.wait_for_everyone()
+        self.prepared = objective
         if tracking:
             accelerator.end_training()  # flushes and closes the trackers' files and runs
         return {"steps": s.steps, "resumed_from": start_step, "final": last, unit: seen,
@@ -362,6 +381,8 @@ def train_student(student, rows: list[dict], cfg: TrainConfig, *, pad_id: int, o
     summary = loop.run(objective, micro_batch, len(rows), settings, out_dir=out_dir, run_name=run_name,
                        names=("loss", "ce", "kd") + (("hidden",) if hidden else ()), unit="tokens", resume=resume,
                        fingerprint=fingerprint, progress=progress, step_log=share)
+    if sharding.is_sharded(loop.accelerator):
+        sharding.gather_student(loop.accelerator, loop.prepared, student)
     if cfg.gradient_checkpointing:
         student.activation_checkpointing_disable()
     return summary
