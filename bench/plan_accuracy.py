@@ -4,8 +4,8 @@
 
 Each stage runs in its own process (`distil plan`, `distil generate`, `distil train`) with a fresh
 cache and out folder under --work, so nothing is skipped as already done. Measured: rows and bytes
-of the cache (`TeacherCache.stats()`), completion tokens, wall seconds of generate and train (the
-process start and imports, a few seconds, are in the measured side only), and the train process's
+of the cache (`TeacherCache.stats()`), completion tokens, seconds of generate and train (timed in
+the process after importing torch and transformers, which no plan counts), and the train process's
 peak RSS, which holds the Python and torch runtime (and for a student built from the teacher, the
 teacher's weights while the student is built) besides the per-device training memory the plan
 predicts. Writes <work>/plan_accuracy.json and prints a Markdown table with the ratio measured / plan.
@@ -19,29 +19,32 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-# Runs `distil ARGS` in this child process and writes its peak RSS (bytes) to the file named first.
+# Runs `distil ARGS` in this child process, timed after the heavy imports (torch, transformers: a few
+# seconds no plan counts), and writes its seconds and peak RSS (bytes) to the file named first.
 CHILD = """
-import resource, sys
+import json, resource, sys, time
+import transformers, distil.pipeline, distil.plan
 from distil import cli
-rss_file, sys.argv = sys.argv[1], ["distil", *sys.argv[2:]]
+out, sys.argv = sys.argv[1], ["distil", *sys.argv[2:]]
+t0 = time.time()
 try:
     cli.main()
 finally:
-    open(rss_file, "w").write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+    json.dump({"seconds": time.time() - t0, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
+              open(out, "w"))
 """
 
 
 def stage(work: Path, name: str, *args: str) -> tuple[subprocess.CompletedProcess, float, int]:
-    rss = work / f"{name}.rss"
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(rss), *args], capture_output=True, text=True)
-    seconds = time.time() - t0
+    """`distil ARGS` in a fresh process: (the process, its seconds after imports, its peak RSS in bytes)."""
+    measured = work / f"{name}.json"
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(measured), *args], capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"distil {name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc, seconds, int(rss.read_text())
+    m = json.loads(measured.read_text())
+    return proc, m["seconds"], m["rss"]
 
 
 def main() -> None:
