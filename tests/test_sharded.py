@@ -164,3 +164,50 @@ def test_fsdp2_resumed_run_equals_uninterrupted_run(setup, tmp_path):
     _run(_launch("fsdp2.yaml", 2, worker, model_dir, rows, cut, "--steps", "6", "--resume"), tmp_path)
     assert json.loads((cut / "summary.json").read_text())["resumed_from"] == 4
     _assert_same(whole, cut, atol=0)
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "logs" / "student.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_save_state_checkpoints_resume_exactly_on_one_process(load, tmp_path, monkeypatch):
+    """The checkpoint and final-save path FSDP2 and ZeRO take (Accelerate's save_state / load_state, the
+    student gathered with get_state_dict), forced on one CPU process where Accelerate cannot shard: it ends
+    on the plain path's weights, and a run killed after step 4's checkpoint and resumed ends on the
+    uninterrupted run's weights and log."""
+    from distil.training import sharding
+
+    pipeline.generate(load())
+    args = ("train.baseline=false",)
+    pipeline.train(load(*args, f"out={tmp_path / 'plain'}"))
+    monkeypatch.setattr(sharding, "is_sharded", lambda accelerator: True)
+    pipeline.train(load(*args, f"out={tmp_path / 'whole'}"))
+
+    original = sharding.save_sharded_checkpoint
+
+    def save_then_die(accelerator, folder, step, *rest, **kwargs):
+        original(accelerator, folder, step, *rest, **kwargs)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    cut = load(*args, f"out={tmp_path / 'cut'}")
+    with monkeypatch.context() as m:
+        m.setattr(sharding, "save_sharded_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.train(cut)
+    ckpts = tmp_path / "cut" / "checkpoints" / "student"
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-0000002", "step-0000004"]
+    assert not list(ckpts.glob(".tmp-*"))
+    written = {p.name for p in (ckpts / "step-0000004").iterdir()}
+    assert {"train_state.pt", "optimizer.bin", "random_states_0.pkl"} <= written, written
+    summary = pipeline.train(cut, resume=True)["student"]
+    assert summary["resumed_from"] == 4
+
+    plain, whole, resumed = (load_file(str(tmp_path / d / "student" / "model.safetensors"))
+                             for d in ("plain", "whole", "cut"))
+    assert plain.keys() == whole.keys() == resumed.keys()
+    for name in plain:
+        assert torch.equal(whole[name], plain[name]), name
+        assert torch.equal(resumed[name], whole[name]), name
+    assert [(r["step"], r["loss"], r["lr"]) for r in _log(tmp_path / "cut")] == \
+           [(r["step"], r["loss"], r["lr"]) for r in _log(tmp_path / "whole")]
