@@ -211,3 +211,35 @@ def test_save_state_checkpoints_resume_exactly_on_one_process(load, tmp_path, mo
         assert torch.equal(resumed[name], whole[name]), name
     assert [(r["step"], r["loss"], r["lr"]) for r in _log(tmp_path / "cut")] == \
            [(r["step"], r["loss"], r["lr"]) for r in _log(tmp_path / "whole")]
+
+
+PLUGIN = textwrap.dedent("""
+    import json, os
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    p = FullyShardedDataParallelPlugin()  # built from the environment `accelerate launch` set from the config
+    if os.environ.get("RANK", "0") == "0":
+        print("PLUGIN " + json.dumps({"version": p.fsdp_version, "state_dict_type": p.state_dict_type.name,
+                                      "reshard_after_forward": p.reshard_after_forward,
+                                      "auto_wrap": p.auto_wrap_policy.__name__,
+                                      "activation_checkpointing": p.activation_checkpointing}))
+""")
+
+
+def test_shipped_configs_are_what_the_docs_say(tmp_path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    # Accelerate's own parser (it refuses unknown keys) reads each one.
+    engines = {name: ClusterConfig.from_yaml_file(str(CONFIGS / f"{name}.yaml"))
+               for name in ("ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3")}
+    assert {n: c.distributed_type.value for n, c in engines.items()} == {
+        "ddp": "MULTI_GPU", "fsdp2": "FSDP", "deepspeed_zero2": "DEEPSPEED", "deepspeed_zero3": "DEEPSPEED"}
+    assert [engines[n].deepspeed_config["zero_stage"] for n in ("deepspeed_zero2", "deepspeed_zero3")] == [2, 3]
+    assert engines["deepspeed_zero3"].deepspeed_config["zero3_save_16bit_model"] is True  # get_state_dict needs it
+    assert all(c.mixed_precision == "no" for c in engines.values())  # the recipe's train.mixed_precision decides
+    # What FSDP plugin a process launched with fsdp2.yaml builds: version 2, full shard, sharded checkpoints.
+    script = tmp_path / "plugin.py"
+    script.write_text(PLUGIN)
+    out = _run(_launch("fsdp2.yaml", 2, script), tmp_path).stdout
+    plugin = json.loads(out.split("PLUGIN ", 1)[1].splitlines()[0])
+    assert plugin == {"version": 2, "state_dict_type": "SHARDED_STATE_DICT", "reshard_after_forward": True,
+                      "auto_wrap": "transformer_auto_wrap_policy", "activation_checkpointing": False}

@@ -206,7 +206,8 @@ class Loop:
             step_log: extra metrics of a step from its micro-batches' batches.
 
         Returns:
-            A summary: steps, resumed_from, the final logged metrics, `unit` seen, seconds.
+            A summary: steps, resumed_from, the final logged metrics, `unit` seen, seconds. The prepared
+            (wrapped, possibly sharded) objective stays at `self.prepared`.
         """
         accelerator = self.accelerator
         params = [p for p in objective.parameters() if p.requires_grad]
