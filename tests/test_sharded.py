@@ -71,6 +71,8 @@ WORKER = textwrap.dedent("""
         save_file({k: v.detach().cpu().clone().contiguous() for k, v in student.state_dict().items()
                    if k != "lm_head.weight"}, a.out + "/weights.safetensors")
         json.dump({"processes": PartialState().num_processes, **summary}, open(a.out + "/summary.json", "w"))
+    if torch.distributed.is_initialized():  # as distil.cli does: gloo left open can abort the exit
+        torch.distributed.destroy_process_group()
 """)
 
 

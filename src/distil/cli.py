@@ -311,7 +311,22 @@ def _usage_context():
     return sub.context_class(sub, info_name=name, parent=ctx) if sub is not None else ctx
 
 
+def _close_process_group() -> None:
+    """Under `accelerate launch` / torchrun, shut the process group down before the interpreter exits: left
+    open, gloo's threads can abort a finished process ("terminate called without an active exception")."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main() -> None:
+    try:
+        _main_command()
+    finally:
+        _close_process_group()
+
+
+def _main_command() -> None:
     debug = "--debug" in sys.argv
     _state["recipe"] = None
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own bars say what is happening
