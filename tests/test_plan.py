@@ -10,7 +10,8 @@ import pytest
 from distil import pipeline
 from distil.errors import DistilError
 from distil.generation.cache import TeacherCache
-from distil.plan import parse_memory, plan
+from distil.config.recipe import TeacherConfig
+from distil.plan import parse_memory, plan, teacher_cost
 
 from conftest import run_cli
 
@@ -70,3 +71,11 @@ def test_memory_sizes():
     with pytest.raises(DistilError) as e:
         parse_memory("lots")
     assert e.value.field == "--memory"
+
+
+def test_hosted_teacher_cost():
+    hosted = TeacherConfig(type="openai", model="m", base_url="http://127.0.0.1:1/v1", price_input_per_mtok=0.5,
+                           price_output_per_mtok=1.5)
+    cost = teacher_cost(hosted, 2_000_000, 1_000_000)
+    assert cost["usd"] == pytest.approx(2.5) and cost["prompt_tokens"] == 2_000_000
+    assert teacher_cost(TeacherConfig(model="local-dir"), 2_000_000, 1_000_000) is None

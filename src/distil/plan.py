@@ -52,6 +52,23 @@ def gigabytes(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
+def teacher_cost(teacher, prompt_tokens: float, completion_tokens: float) -> dict | None:
+    """What a hosted teacher (type: openai) charges for the tokens, at teacher.price_input_per_mtok and
+    teacher.price_output_per_mtok (per million); None for a local teacher or `teachers:`.
+
+    Example:
+        >>> teacher_cost(TeacherConfig(type="openai", model="m", base_url="http://h/v1", price_input_per_mtok=0.5,
+        ...                            price_output_per_mtok=1.5), 2e6, 1e6)["usd"]
+        2.5
+    """
+    if teacher is None or teacher.type != "openai":
+        return None
+    return {"prompt_tokens": round(prompt_tokens), "completion_tokens": round(completion_tokens),
+            "usd": round(prompt_tokens / 1e6 * teacher.price_input_per_mtok
+                         + completion_tokens / 1e6 * teacher.price_output_per_mtok, 4),
+            "priced_by": "teacher.price_input_per_mtok, teacher.price_output_per_mtok"}
+
+
 def calibration_recipe(recipe: Recipe, folder: Path, rows: int, steps: int) -> Recipe:
     """The recipe cut to `rows` training prompts (and one held-out) and `steps` steps, its cache and out in `folder`."""
     data = recipe.data.model_copy(update={"max_train": rows, "max_eval": 1})
@@ -161,13 +178,7 @@ def plan(recipe: Recipe, memory: int | None = None, rows: int | None = None, ste
     train_seconds = runs * ((train_wall - trained["seconds"]) + loop_seconds)
     parts = mem["parts"]
     total = sum(parts.values())
-    cost = None
-    teacher = recipe.teacher
-    if teacher is not None and teacher.type == "openai":
-        cost = {"prompt_tokens": round(prompt_tokens), "completion_tokens": round(completion_tokens),
-                "usd": round(prompt_tokens / 1e6 * teacher.price_input_per_mtok
-                             + completion_tokens / 1e6 * teacher.price_output_per_mtok, 4),
-                "priced_by": "teacher.price_input_per_mtok, teacher.price_output_per_mtok"}
+    cost = teacher_cost(recipe.teacher, prompt_tokens, completion_tokens)
     result = {
         "rows": total_rows,
         "teacher_tokens": {"prompt": round(prompt_tokens), "completion": round(completion_tokens)},
