@@ -86,6 +86,25 @@ def train(args: Optional[list[str]] = typer.Argument(None, help=RECIPE_HELP),
     _print(run_train(_recipe(args), resume=resume))
 
 
+@app.command()
+def plan(args: Optional[list[str]] = typer.Argument(None, help=RECIPE_HELP),
+         memory: Optional[str] = typer.Option(None, "--memory", help="Memory of one device, e.g. 24GB or 80GiB: a "
+                                                                      "recipe that needs more exits 2 naming the "
+                                                                      "key to change."),
+         rows: Optional[int] = typer.Option(None, "--rows", help="Training prompts in the calibration run (default: "
+                                                                 "one generation batch)."),
+         steps: int = typer.Option(5, "--steps", help="Training steps in the calibration run.")):
+    """Predict rows, teacher tokens and cost, cache bytes, generation and training seconds and peak memory per
+    device, from a short calibration run of the recipe in a temporary folder.
+
+    Example: distil plan recipes/quickstart.yaml --memory 24GB
+    """
+    from distil.plan import parse_memory, plan as run_plan
+
+    limit = parse_memory(memory) if memory is not None else None
+    _print(run_plan(_recipe(args), memory=limit, rows=rows, steps=steps))
+
+
 GATE_HELP = ("A check on the report card, added to the recipe's eval.gates, e.g. 'top1_agreement.retention >= 0.35' "
              "or 'teacher_kl.student_minus_baseline < 0'; repeat for several. A failed gate exits 3.")
 
@@ -292,7 +311,22 @@ def _usage_context():
     return sub.context_class(sub, info_name=name, parent=ctx) if sub is not None else ctx
 
 
+def _close_process_group() -> None:
+    """Under `accelerate launch` / torchrun, shut the process group down before the interpreter exits: left
+    open, gloo's threads can abort a finished process ("terminate called without an active exception")."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main() -> None:
+    try:
+        _main_command()
+    finally:
+        _close_process_group()
+
+
+def _main_command() -> None:
     debug = "--debug" in sys.argv
     _state["recipe"] = None
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own bars say what is happening

@@ -248,6 +248,14 @@ class TrainConfig(Section):
         default_factory=list, description="experiment trackers (Accelerate's) that get every metrics line too, "
                                           "e.g. [tensorboard]: event files under <out>/logs/<run>; each needs its "
                                           "package (the tensorboard extra; wandb, mlflow, ...)")
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no", description="bf16: forward passes under bfloat16 autocast (Accelerate's mixed_precision), weights, "
+                          "gradients and optimizer state stay float32; less activation memory and faster on GPUs "
+                          "with bf16 units (not on most CPUs)")
+    gradient_checkpointing: bool = Field(False, description="recompute each decoder layer's activations in backward "
+                                                            "(transformers. activation_checkpointing_enable, "
+                                                            "use_reentrant=False): less activation memory, about "
+                                                            "a third more compute; the same gradients")
     seed: int = Field(0, description="random seed: initialisation, batch order, on-policy sampling")
     freeze_embeddings: bool = Field(False, description="keep the (tied) embedding / LM head fixed")
     mode: Literal["supervised", "sequence", "on_policy"] = Field(
@@ -328,6 +336,13 @@ class Recipe(Section):
                                                                "data paths resolve against its folder")
     _lines: dict = PrivateAttr(default_factory=dict)  # key path -> line in the YAML file
     _overridden: set = PrivateAttr(default_factory=set)  # key paths set on the command line
+
+    @model_validator(mode="after")
+    def _fp32_master_weights(self):
+        if self.train.mixed_precision != "no" and self.student.dtype != "float32":
+            raise DistilError(f"train.mixed_precision: {self.train.mixed_precision} keeps float32 master weights; "
+                              f"set student.dtype: float32 (or train.mixed_precision: no)", field="student.dtype")
+        return self
 
     @model_validator(mode="after")
     def _teacher_sections(self):

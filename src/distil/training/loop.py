@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -33,6 +34,7 @@ from distil.errors import DistilError, is_disk_full
 from distil.files import write_atomic
 from distil.training.objective import DistillationObjective
 from distil.training.online import rollout, teacher_forward
+from distil.training import sharding
 
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "comet_ml": "comet-ml"}  # pip names, where not the tracker's
@@ -157,15 +159,24 @@ class Loop:
     not change the loss.
     """
 
-    def __init__(self, seed: int, report_to: tuple[str, ...] = (), logging_dir: Path | None = None):
+    def __init__(self, seed: int, report_to: tuple[str, ...] = (), logging_dir: Path | None = None,
+                 mixed_precision: str = "no"):
         """`report_to`: Accelerate's experiment trackers (tensorboard, wandb, mlflow, ...) that get each logged
-        metrics line besides the JSONL log; those that write files write them under `logging_dir`."""
+        metrics line besides the JSONL log; those that write files write them under `logging_dir`.
+        `mixed_precision` ("no" or "bf16", the recipe's train.mixed_precision) is Accelerate's: the prepared
+        objective's forward runs under bf16 autocast, parameters and optimizer state stay float32. It is
+        the recipe's value, whatever an `accelerate launch` config says."""
         check_trackers(report_to)
+        # Accelerate keeps one mixed-precision setting per process; a process that trains several recipes
+        # (a notebook, the tests) drops it when it changes. The process group (PartialState) stays.
+        if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
+            AcceleratorState._reset_state()
         # On a machine without an accelerator, `cpu=True` lets Accelerate pick up a torchrun /
         # `accelerate launch` environment as multi-process CPU training (gloo).
         self.accelerator = Accelerator(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
-                                       log_with=list(report_to) or None,
+                                       mixed_precision=mixed_precision, log_with=list(report_to) or None,
                                        project_dir=str(logging_dir) if report_to and logging_dir else None)
+        sharding.check_engine(self.accelerator)
         torch.manual_seed(seed)
         random.seed(seed)
 
@@ -195,7 +206,8 @@ class Loop:
             step_log: extra metrics of a step from its micro-batches' batches.
 
         Returns:
-            A summary: steps, resumed_from, the final logged metrics, `unit` seen, seconds.
+            A summary: steps, resumed_from, the final logged metrics, `unit` seen, seconds. The prepared
+            (wrapped, possibly sharded) objective stays at `self.prepared`.
         """
         accelerator = self.accelerator
         params = [p for p in objective.parameters() if p.requires_grad]
@@ -219,7 +231,8 @@ class Loop:
             stamp.write_text(fingerprint)
         accelerator.wait_for_everyone()
         found = latest_checkpoint(ckpt_dir) if resume and same_run else None
-        if found is not None:
+        sharded = sharding.is_sharded(accelerator)
+        if found is not None and not sharded:
             load_model(objective, str(found / "model.safetensors"))
             state = torch.load(found / "train_state.pt", weights_only=True)
             optimizer.load_state_dict(state["optimizer"])
@@ -229,10 +242,19 @@ class Loop:
             start_step = state["step"]
             if accelerator.is_main_process:
                 truncate_log(log_path, start_step)
-        elif log_path.exists() and accelerator.is_main_process:
+        elif found is None and log_path.exists() and accelerator.is_main_process:
             log_path.unlink()
 
+        sharding.configure_deepspeed(accelerator, batch_size=s.batch_size, grad_accum=s.grad_accum,
+                                     max_grad_norm=s.max_grad_norm)
         objective, optimizer = accelerator.prepare(objective, optimizer)
+        params = [p for p in objective.parameters() if p.requires_grad]  # FSDP2 replaced them with sharded ones
+        if found is not None and sharded:  # shards load into the prepared (sharded) model and optimizer
+            state = sharding.load_sharded_checkpoint(accelerator, found)
+            scheduler.load_state_dict(state["scheduler"])
+            start_step = state["step"]
+            if accelerator.is_main_process:
+                truncate_log(log_path, start_step)
         objective.train()
         tracking = bool(accelerator.log_with)
         if tracking:
@@ -249,12 +271,14 @@ class Loop:
             local_count = torch.tensor(float(sum(count for _, count in batches)), device=accelerator.device)
             global_count = accelerator.reduce(local_count, reduction="sum").item()
             sums = 0
+            scale = world / global_count * sharding.backward_scale(accelerator, len(batches))
             for i, (batch, _) in enumerate(batches):
                 sync = i == len(batches) - 1
+                sharding.set_boundary(accelerator, sync)
                 with contextlib.nullcontext() if sync else accelerator.no_sync(objective):
                     parts = objective(batch)
                     # DDP averages gradients over processes: scale so the result is sum / global count.
-                    accelerator.backward(parts[0] * world / global_count)
+                    accelerator.backward(parts[0] * scale)
                 sums = sums + torch.stack([p.detach() for p in parts]).cpu()
             if s.max_grad_norm:
                 accelerator.clip_grad_norm_(params, s.max_grad_norm)
@@ -272,12 +296,17 @@ class Loop:
                         f.write(json.dumps(last) + "\n")
                     if tracking:  # the same line, under the same names, to the recipe's train.report_to
                         accelerator.log({k: v for k, v in last.items() if k != "step"}, step=step + 1)
-                if s.checkpoint_every and (step + 1) % s.checkpoint_every == 0 and step + 1 < s.steps:
+            if s.checkpoint_every and (step + 1) % s.checkpoint_every == 0 and step + 1 < s.steps:
+                if sharded:
+                    sharding.save_sharded_checkpoint(accelerator, ckpt_dir, step + 1,
+                                                     {"scheduler": scheduler.state_dict()})
+                elif accelerator.is_main_process:
                     _save_checkpoint(ckpt_dir, step + 1, accelerator.unwrap_model(objective), optimizer, scheduler)
             if progress:
                 rate = (step + 1 - start_step) / (time.time() - t0)
                 progress.update(task, advance=1, status=f"{rate:.2f} step/s  loss {last['loss']:.3f}")
         accelerator.wait_for_everyone()
+        self.prepared = objective
         if tracking:
             accelerator.end_training()  # flushes and closes the trackers' files and runs
         return {"steps": s.steps, "resumed_from": start_step, "final": last, unit: seen,
@@ -309,7 +338,9 @@ def train_student(student, rows: list[dict], cfg: TrainConfig, *, pad_id: int, o
     hidden = cfg.hidden
     if (on_policy or hidden) and teacher is None:
         raise DistilError("needs a local teacher model during training", field="train.hidden" if hidden else "train.mode")
-    loop = Loop(cfg.seed, tuple(cfg.report_to), out_dir / "logs")
+    loop = Loop(cfg.seed, tuple(cfg.report_to), out_dir / "logs", mixed_precision=cfg.mixed_precision)
+    if cfg.gradient_checkpointing:
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)
         student.get_output_embeddings().weight.requires_grad_(False)
@@ -348,9 +379,14 @@ def train_student(student, rows: list[dict], cfg: TrainConfig, *, pad_id: int, o
                             seed=cfg.seed, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                             adam_betas=tuple(cfg.adam_betas), schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
     share = (lambda batches: {"on_policy_share": sum(b.on_policy for b in batches) / len(batches)}) if on_policy else None
-    return loop.run(objective, micro_batch, len(rows), settings, out_dir=out_dir, run_name=run_name,
-                    names=("loss", "ce", "kd") + (("hidden",) if hidden else ()), unit="tokens", resume=resume,
-                    fingerprint=fingerprint, progress=progress, step_log=share)
+    summary = loop.run(objective, micro_batch, len(rows), settings, out_dir=out_dir, run_name=run_name,
+                       names=("loss", "ce", "kd") + (("hidden",) if hidden else ()), unit="tokens", resume=resume,
+                       fingerprint=fingerprint, progress=progress, step_log=share)
+    if sharding.is_sharded(loop.accelerator):
+        sharding.gather_student(loop.accelerator, loop.prepared, student)
+    if cfg.gradient_checkpointing:
+        student.activation_checkpointing_disable()
+    return summary
 
 
 def _check_hidden_layers(pairs, student, teacher) -> None:

@@ -40,6 +40,8 @@ class DistillationObjective(nn.Module):
         self.use_uld = cross_tokenizer in ("uld", "both")
         self.uld_weight = uld_weight if cross_tokenizer == "both" else 1.0
         self.student, self.alpha, self.temperature, self.chunk_tokens = student, alpha, temperature, chunk_tokens
+        # What FSDP's TRANSFORMER_BASED_WRAP shards one by one (the student's decoder layers).
+        self._no_split_modules = getattr(student, "_no_split_modules", None)
         # D = sum of weight * divergence over `loss` (one name: weight 1), each with its `loss_params[name]`.
         terms = {loss: 1.0} if isinstance(loss, str) else dict(loss)
         self.terms = [(name, weight, (loss_params or {}).get(name, {})) for name, weight in terms.items()]
@@ -83,7 +85,7 @@ class DistillationObjective(nn.Module):
 
     def forward(self, batch: Batch):
         out = self.student.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                      output_hidden_states=bool(self.hidden_pairs))
+                                      output_hidden_states=bool(self.hidden_pairs), use_cache=False)
         hidden = out.last_hidden_state.flatten(0, 1)[batch.target_pos]
         alpha = 0.0 if batch.on_policy else self.alpha
         n = hidden.shape[0]

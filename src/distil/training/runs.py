@@ -16,9 +16,12 @@ DIVERGENCE_ONLY = ("alpha", "loss", "temperature", "beta", "skew", "mode", "lamb
 def run_fingerprint(recipe: Recipe, keys: list[str], alpha: float) -> str:
     # Keys added for cross-tokenizer runs stay out while unset, so earlier runs keep their fingerprint.
     unset = {k for k in ("cross_tokenizer", "uld_weight", "adam_betas") if k not in recipe.train.model_fields_set}
-    # Whether the baseline is trained, and where metrics are reported, do not change how a run trains.
+    if recipe.train.mixed_precision == "no":  # added later: full-precision runs keep their fingerprint
+        unset.add("mixed_precision")
+    # Whether the baseline is trained, where metrics are reported and whether activations are recomputed
+    # do not change what a run computes.
     train = recipe.train.model_dump(exclude=(set(DIVERGENCE_ONLY) if alpha == 1.0 else set()) | unset
-                                    | {"baseline", "report_to"})
+                                    | {"baseline", "report_to", "gradient_checkpointing"})
     if "skew" in train:  # renamed from skew_alpha: earlier runs keep their fingerprint
         train["skew_alpha"] = train.pop("skew")
     student = recipe.student.model_dump(exclude={"from_model"} if recipe.student.from_model is None else None)
