@@ -16,7 +16,7 @@ quickstart's k (32) a student is also trained on the exact float32 rows, and bot
 the exact top-32 held-out rows (what the uncompressed run's report uses), with 95% bootstrap
 intervals of the float32 student's metrics and a paired interval of compact - float32.
 
-Writes results.json and k_sweep.png into --out; prints a Markdown table.
+Writes results.json and k_sweep.png into --out (`--plot-only` redraws the plot); prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -77,9 +77,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ks", default="1,4,8,16,32,64")
     parser.add_argument("--out", type=Path, default=Path("runs/k-sweep"))
+    parser.add_argument("--plot-only", action="store_true", help="redraw k_sweep.png from --out's results.json")
     args = parser.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
     out = args.out.resolve()
+    if args.plot_only:
+        results = json.loads((out / "results.json").read_text())
+        plot(results["runs"], f"exact top-{SOURCE_K}", out / "k_sweep.png")
+        return
 
     def recipe(name: str, k: int, *extra: str):
         return load_recipe(RECIPE, [f"cache={out / 'caches' / name}", f"out={out / 'runs' / name}", f"generate.top_k={k}",
@@ -156,6 +161,8 @@ def plot(runs: dict, reference: str, path: Path) -> None:
             ax.annotate(f"k={r['k']}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.axhline(runs["ce-only"]["scores"][reference][metric], color="grey", ls="--", label="CE only")
         ax.set_xscale("log")
+        ax.set_xticks(x, [f"{v:.0f}" for v in x])
+        ax.minorticks_off()
         ax.set_xlabel("cache bytes per generated token")
         ax.set_title(label, fontsize=10)
         if i == 0:
