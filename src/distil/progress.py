@@ -23,10 +23,20 @@ class _Progress(Progress):
         now = time.monotonic()
         if now - getattr(task, "_last_log", 0.0) >= self.log_every_s or task.finished:
             task._last_log = now
-            eta = f"{task.time_remaining:.0f}s" if task.time_remaining is not None else "?"
+            eta = f"{_remaining(task):.0f}s" if _remaining(task) is not None else "?"
             self.console.print(f"{task.description}: {task.completed:.0f}/{task.total:.0f} "
                                f"{task.fields.get('status', '')} elapsed {task.elapsed or 0:.0f}s ETA {eta}",
                                highlight=False)
+
+
+def _remaining(task) -> float | None:
+    """Seconds left: rich's estimate, else the average rate so far (work reported in a few large
+    chunks, such as cache shards, gives rich's windowed estimate too few samples)."""
+    if task.time_remaining is not None:
+        return task.time_remaining
+    if task.total is None or not task.completed or not task.elapsed:
+        return None
+    return task.elapsed * (task.total - task.completed) / task.completed
 
 
 def progress_bar() -> Progress:
@@ -39,4 +49,5 @@ def progress_bar() -> Progress:
     """
     return _Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                      TextColumn("[cyan]{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                     TimeRemainingColumn(), console=Console(stderr=True), refresh_per_second=4)
+                     TimeRemainingColumn(), console=Console(stderr=True), refresh_per_second=4,
+                     speed_estimate_period=600)
