@@ -190,6 +190,12 @@ class _SlotLayer(DynamicLayer):
         """Forget the first `n` live positions (no row attends to them any more), without copying."""
         self.start += n
 
+    def clear(self) -> None:
+        """No live rows: the next group starts fresh buffers, so its floats cannot depend on departed rows
+        (attention over a wider window of masked positions sums in another order)."""
+        self._k = self._v = None
+        self.rows = self.start = self.end = 0
+
 
 class _Batch:
     """The rows being generated together: their KV cache, attention mask, next positions and last tokens.
@@ -223,6 +229,11 @@ class _Batch:
         self.rows, self.slots = self.rows[order], self.slots[order]
         for layer in self.cache.layers:
             layer.batch_select_indices(order)
+        if n == 0 and all(isinstance(layer, _SlotLayer) for layer in self.cache.layers):
+            self.mask = self.mask[:, :0]
+            for layer in self.cache.layers:
+                layer.clear()
+            return
         used = self.mask.any(0).nonzero()
         start = int(used[0]) if used.numel() else 0
         if start > 0 and all(isinstance(layer, _SlotLayer) for layer in self.cache.layers):
