@@ -13,10 +13,12 @@ import torch
 
 from distil import tasks
 from distil.config.recipe import Recipe
+from distil.data.examples import Example
 from distil.data.splits import checked_answers, load_data
 from distil.errors import DistilError
 from distil.evaluation import gates
 from distil.files import check_writable
+from distil.generation import expand
 from distil.generation.decoding import stop_token_ids
 from distil.generation.stage import fill_cache, teacher_view
 from distil.generation.view import cached_rows, check_student, is_cross_tokenizer
@@ -37,7 +39,25 @@ def generate(recipe: Recipe, shard: tuple[int, int] | None = None) -> dict:
                               field="--shard")
         return tasks.stage(recipe, "generate")
     train_ex, eval_ex = load_data(recipe)
+    if recipe.data.expand:  # the teacher writes prompts first (cached rows like its answers), then answers them
+        asked = fill_cache(recipe, expand.requests(train_ex, recipe.data.expand, recipe.data.expand_shots,
+                                                   recipe.generate.seed), shard)
+        try:
+            written = expand.written_prompts(recipe, train_ex, eval_ex)
+        except DistilError:
+            if shard is None:
+                raise
+            return {"expand": asked}  # other shards' requests are not all answered yet: a re-run goes on
+        return {**fill_cache(recipe, train_ex + written + eval_ex, shard), "expand": {**asked, "written": len(written)}}
     return fill_cache(recipe, train_ex + eval_ex, shard)
+
+
+def training_examples(recipe: Recipe) -> tuple[list[Example], list[Example]]:
+    """`load_data`, plus the prompts the teacher wrote for data.expand (read from the cache)."""
+    train_ex, eval_ex = load_data(recipe)
+    if recipe.data.expand:
+        train_ex = train_ex + expand.written_prompts(recipe, train_ex, eval_ex)
+    return train_ex, eval_ex
 
 
 def train(recipe: Recipe, resume: bool = False) -> dict:
@@ -52,7 +72,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
 
     from distil.training.loop import train_student
 
-    train_ex, _ = load_data(recipe)
+    train_ex, _ = training_examples(recipe)
     view = teacher_view(recipe)
     check_student(view)
     check_writable(recipe.out_dir, "out")

@@ -169,6 +169,10 @@ class DataConfig(Section):
     max_train: int | None = Field(None, gt=0, description="use at most this many training rows")
     max_eval: int | None = Field(None, gt=0, description="use at most this many held-out rows")
     max_prompt_tokens: int = Field(256, gt=0, description="longer prompts are cut to this many tokens")
+    expand: int | None = Field(None, gt=0, description="the teacher writes this many more training prompts, each "
+                                                       "like data.expand_shots given ones of one category (repeats, "
+                                                       "unfinished ones and copies of held-out prompts dropped)")
+    expand_shots: int = Field(4, gt=0, description="data.expand: training prompts shown per request")
     # Data quality (src/distil/quality.py); all off by default.
     dedupe: Literal["none", "exact", "near"] = Field(
         "none", description="drop repeated prompts: exact (ignoring case, spaces, punctuation) or also near ones")
@@ -356,6 +360,8 @@ class Recipe(Section):
             return self
         if self.teacher is not None:
             raise DistilError("give either `teacher:` or `teachers:`, not both", field="teachers")
+        if self.data.expand is not None:
+            raise DistilError("needs one `teacher:` (which teacher would write the prompts?)", field="data.expand")
         names = [t.name for t in self.teachers]
         for i, t in enumerate(self.teachers):
             if names.index(t.name) != i:
