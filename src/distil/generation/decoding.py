@@ -229,14 +229,15 @@ class _Batch:
         self.rows, self.slots = self.rows[order], self.slots[order]
         for layer in self.cache.layers:
             layer.batch_select_indices(order)
-        if n == 0 and all(isinstance(layer, _SlotLayer) for layer in self.cache.layers):
+        slotted = all(isinstance(layer, _SlotLayer) for layer in self.cache.layers)
+        if n == 0 and slotted:
             self.mask = self.mask[:, :0]
             for layer in self.cache.layers:
                 layer.clear()
             return
         used = self.mask.any(0).nonzero()
         start = int(used[0]) if used.numel() else 0
-        if start > 0 and all(isinstance(layer, _SlotLayer) for layer in self.cache.layers):
+        if start > 0 and slotted:
             self.mask = self.mask[:, start:]  # the left columns were padding or finished rows' prompts only
             for layer in self.cache.layers:
                 layer.drop_left(start)

@@ -15,6 +15,7 @@ from collections import defaultdict
 
 from distil.config.recipe import Recipe
 from distil.data.examples import Example
+from distil.data.quality import normalize
 from distil.generation.view import TeacherPrompts, cached_rows
 
 INSTRUCTION = ("Here are messages that users sent to an AI assistant:\n\n{examples}\n\n"
@@ -46,13 +47,13 @@ def written_prompts(recipe: Recipe, train: list[Example], held_out: list[Example
     d = recipe.data
     asked = requests(train, d.expand, d.expand_shots, recipe.generate.seed)
     rows = cached_rows(recipe, TeacherPrompts(recipe).keys(asked), "data.expand")
-    seen = {_norm(_text(ex)) for ex in train + held_out}
+    seen = {normalize(_text(ex)) for ex in train + held_out}  # a repeat as data.dedupe: exact counts one
     out = []
     for i, (request, row) in enumerate(zip(asked, rows)):
         text = _clean(row["text"])
-        if row.get("finish_reason") != "stop" or not text or len(text) > MAX_PROMPT_CHARS or _norm(text) in seen:
+        if row.get("finish_reason") != "stop" or not text or len(text) > MAX_PROMPT_CHARS or normalize(text) in seen:
             continue
-        seen.add(_norm(text))
+        seen.add(normalize(text))
         out.append(Example(messages=({"role": "user", "content": text},), category=request.category,
                            source=f"data.expand: row {i}"))
     return out
@@ -68,7 +69,3 @@ def _clean(text: str) -> str:
     if len(text) > 1 and text[0] == text[-1] and text[0] in "\"'":
         text = text[1:-1].strip()
     return text
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.casefold().split())
