@@ -19,10 +19,9 @@ from pathlib import Path
 
 from distil import pipeline
 from distil.config.loading import load_recipe
-from distil.data.quality import token_f1
 from distil.data.splits import load_data
 from distil.evaluation.metrics import score_on_teacher_text, summarize
-from distil.evaluation.scoring import distinct_share, generate_answers
+from distil.evaluation.scoring import answer_metrics, generate_answers
 from distil.generation.decoding import stop_token_ids
 from distil.generation.view import TeacherPrompts, cached_rows
 from distil.models import sources
@@ -43,10 +42,8 @@ def main(name: str, overrides: list[str]) -> dict:
     scores = summarize(score_on_teacher_text(student, rows, pad_id=view.tokenizer.pad_token_id))
     answers = generate_answers(student, view.tokenizer, rows, max_new_tokens=recipe.generate.max_new_tokens,
                                batch_size=recipe.eval.batch_size, stop_ids=stop_token_ids(view.tokenizer, student))
-    pairs = [(a, ex.reference) for a, ex in zip(answers, held_out) if ex.reference]
     return {"name": name, "overrides": overrides, "train_s": round(train_s), "steps": trained["student"]["steps"],
-            **scores, "distinct_answers": distinct_share(answers),
-            "token_f1": sum(token_f1(a, r) for a, r in pairs) / len(pairs), "answers": answers[:8]}
+            **scores, **answer_metrics(answers, [ex.reference for ex in held_out]), "answers": answers[:8]}
 
 
 if __name__ == "__main__":

@@ -16,10 +16,9 @@ import torch
 
 from distil.config.loading import load_recipe
 from distil.data.batches import collate
-from distil.data.quality import token_f1
 from distil.data.splits import load_data
 from distil.evaluation.metrics import score_on_teacher_text, summarize
-from distil.evaluation.scoring import distinct_share, generate_answers
+from distil.evaluation.scoring import answer_metrics, generate_answers
 from distil.generation.decoding import stop_token_ids
 from distil.generation.view import TeacherPrompts, cached_rows
 from distil.models import sources
@@ -64,6 +63,5 @@ class Evaluator:
         scores = summarize(score_on_teacher_text(model, self.rows, pad_id=self.pad_id, batch_size=self.batch_size))
         answers = generate_answers(model, self.view.tokenizer, self.rows, max_new_tokens=self.max_new_tokens,
                                    batch_size=self.batch_size, stop_ids=self.stop_ids)
-        pairs = [(a, ex.reference) for a, ex in zip(answers, self.examples) if ex.reference]
-        return {**scores, "full_vocab_kl": self.full_vocab_kl(model), "distinct_answers": distinct_share(answers),
-                "token_f1": sum(token_f1(a, r) for a, r in pairs) / len(pairs) if pairs else None}
+        return {**scores, "full_vocab_kl": self.full_vocab_kl(model), "token_f1": None,
+                **answer_metrics(answers, [ex.reference for ex in self.examples])}

@@ -46,12 +46,6 @@ def generate_answers(model, tokenizer, rows: list[dict], *, max_new_tokens: int,
     return texts
 
 
-
-
-
-
-
-
 def evaluate_run(recipe, view, examples, rows: list[dict], teacher_rows: list[dict] | None = None) -> dict:
     """Score teacher, student and (if trained) baseline; write <out>/report.json and report.html.
 
@@ -118,10 +112,8 @@ def evaluate_run(recipe, view, examples, rows: list[dict], teacher_rows: list[di
         values[name] = summarize(scores[name])
         if ref_rows:
             values[name]["perplexity_reference"] = math.exp(sum(s["nll"] for s in ref_scores[name]) / sum(s["n"] for s in ref_scores[name]))
-        values[name]["distinct_answers"] = distinct_share(answers[name])
+        values[name].update(answer_metrics(answers[name], references))
         pairs = [(a, r) for a, r in zip(answers[name], references) if r]
-        if pairs:
-            values[name]["token_f1"] = sum(token_f1(a, r) for a, r in pairs) / len(pairs)
         if recipe.generate.explain and pairs:  # the task metric on the final "Answer:" line alone
             finals = [final_answer(a) for a, _ in pairs]
             values[name]["answer_found"] = sum(f is not None for f in finals) / len(finals)
@@ -200,6 +192,15 @@ def _per_category(examples, rows, scores, answers, references) -> dict:
             entry["retention"]["token_f1"] = retention(f1["teacher"], f1["student"], True)
         result[category] = entry
     return result
+
+
+def answer_metrics(answers: list[str], references: list[str | None]) -> dict[str, float]:
+    """Greedy answers' distinct share and, where references exist, their mean token F1 against them."""
+    out = {"distinct_answers": distinct_share(answers)}
+    pairs = [(a, r) for a, r in zip(answers, references) if r]
+    if pairs:
+        out["token_f1"] = sum(token_f1(a, r) for a, r in pairs) / len(pairs)
+    return out
 
 
 def distinct_share(answers: list[str]) -> float:
