@@ -80,7 +80,13 @@ def test_task_recipe_errors_name_file_line_and_field(tmp_path):
     emb = {"task": "embedding", "teacher": {"model": "x"}, "student": {"hidden_size": 8}, "data": {"train": "a", "eval": "b"}}
     with pytest.raises(DistilError) as e:
         load_recipe(_write(tmp_path / "e.yaml", emb))
-    assert e.value.field == "student.layers" and "missing" in e.value.message
+    assert e.value.field == "student" and "student.layers is required" in e.value.message
+    with pytest.raises(DistilError) as e:
+        load_recipe(_write(tmp_path / "e.yaml", {**emb, "student": {"static": True, "layers": [0]}}))
+    assert e.value.field == "student" and "drop student.layers" in e.value.message
+    with pytest.raises(DistilError) as e:
+        load_recipe(_write(tmp_path / "e.yaml", {**emb, "student": {"static": True}, "export": {"formats": ["onnx"]}}))
+    assert "exports as hf only" in e.value.message
     with pytest.raises(DistilError) as e:  # a causal-LM key is unknown to an embedding recipe
         load_recipe(_write(tmp_path / "e.yaml", {**emb, "student": {"layers": [0]}}), ["generate.top_k=3"])
     assert e.value.field == "generate"
@@ -328,6 +334,95 @@ def test_embedding_student_keeps_teacher_layers_when_width_is_kept(tiny_sentence
     with pytest.raises(DistilError) as e:
         build_student(teacher, EmbeddingStudent(layers=[5]))
     assert e.value.field == "student.layers"
+
+
+def test_static_student_is_the_teachers_token_outputs_pca_and_frequency_weights(tiny_sentence_transformer):
+    """Each token's vector: the teacher's mean output over [CLS] t [SEP], centred, on the top principal
+    directions, times a / (a + p(t)); a sentence: the normalised mean of its tokens' vectors mapped
+    back by P^T. Checked against a float64 reference computed here from the teacher itself."""
+    from sentence_transformers import SentenceTransformer
+
+    from distil.config.tasks import EmbeddingStudent
+    from distil.tasks.embedding import build_static_student, token_embeddings
+
+    teacher = SentenceTransformer(str(tiny_sentence_transformer), device="cpu")
+    tokens = token_embeddings(teacher, batch_size=7)
+    tok, encoder = teacher[0].tokenizer, teacher[0].auto_model.eval()
+    cat = tok.convert_tokens_to_ids("cat")
+    with torch.no_grad():
+        ids = torch.tensor([[tok.cls_token_id, cat, tok.sep_token_id]])
+        alone = encoder(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.mean(1)[0]
+    assert torch.allclose(tokens[cat], alone, atol=1e-6) and tokens.shape == (len(tok), 32)
+
+    corpus = ["the cat sat on the mat", "the dog ran"]
+    student = build_static_student(teacher, tokens, EmbeddingStudent(static=True, hidden_size=8, sif_coefficient=0.05),
+                                   corpus)
+    t = tokens.double()
+    _, _, v = torch.linalg.svd(t - t.mean(0), full_matrices=False)
+    p_dirs = v[:8].T
+    counts = torch.ones(len(tok), dtype=torch.float64)
+    for sentence in corpus:
+        for i in tok(sentence, add_special_tokens=False).input_ids:
+            counts[i] += 1
+    weight = 0.05 / (0.05 + counts / counts.sum())
+    sentence_ids = tok("the cat ran", add_special_tokens=False).input_ids
+    table = ((t - t.mean(0)) @ p_dirs) * weight[:, None]
+    expected = torch.nn.functional.normalize(table[sentence_ids].mean(0) @ p_dirs.T, dim=0)
+    got = student.encode(["the cat ran"], convert_to_tensor=True)[0].double()
+    # the sign of each principal direction is arbitrary, but it cancels through P and P^T
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_static_embedding_student_end_to_end_and_its_hf_export(tmp_path, tiny_sentence_transformer):
+    from sentence_transformers import SentenceTransformer
+
+    from distil import pipeline
+    from distil.tasks.embedding import build_static_student
+
+    train = [{"text": s} for s in _sentences(120, 0)]
+    held = [{"q": q, "d": d, "label": "xyz"[i % 3]} for i, (q, d) in enumerate(zip(_sentences(30, 1), _sentences(30, 2)))]
+    for name, rows in (("train.jsonl", train), ("eval.jsonl", held)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = load_recipe(_write(tmp_path / "e.yaml", {
+        "task": "embedding", "teacher": {"model": str(tiny_sentence_transformer)},
+        "student": {"static": True, "hidden_size": 16},
+        "data": {"train": "train.jsonl", "eval": "eval.jsonl", "query_field": "q", "document_field": "d",
+                 "label_field": "label"},
+        "train": {"epochs": 3, "batch_size": 16, "warmup": 0, "lr": 1e-2},
+        "eval": {"speed_sentences": 32, "recall_at": [1, 5]}, "export": {"formats": ["hf"]},
+        "out": str(tmp_path / "out"), "cache": str(tmp_path / "cache")}))
+    with pytest.raises(DistilError) as e:  # the token outputs are teacher work: generate first
+        pipeline.train(recipe)
+    assert "distil generate" in e.value.message
+    result = pipeline.run(recipe)
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    assert_valid_report(report)
+    vocabulary = 7 + len(WORDS)  # the fixture's specials and punctuation, then its words
+    assert report["models"]["student"]["params"] == vocabulary * 16 + 16 * 32 + 32  # table, Dense weight and bias
+    log = _log(tmp_path / "out", "student")
+    assert log[-1]["loss"] < log[0]["loss"]  # training moved it toward the teacher's sentence embeddings
+
+    # trained: closer to the teacher's embeddings of held-out sentences than the untrained table
+    from distil.tasks.embedding import _cached, eval_rows, eval_sentences, load_teacher, train_sentences
+    teacher, identity = load_teacher(recipe)
+    sentences, held_out = train_sentences(recipe), eval_sentences(recipe, eval_rows(recipe))
+    cached = _cached(recipe, identity, sentences, held_out)
+    untrained = build_static_student(teacher, cached["tokens"], recipe.student, sentences)
+    trained = SentenceTransformer(str(tmp_path / "out/student"), device="cpu")
+    def cosine(model):
+        emb = model.encode(held_out, convert_to_tensor=True)
+        return float(torch.nn.functional.cosine_similarity(emb, cached["eval"]).mean())
+    assert cosine(trained) > cosine(untrained) + 0.01
+
+    # its hf export loads back, is scored like the student, and encodes as it does
+    row = result["exports"]["rows"][0]
+    assert row["format"] == "hf"
+    assert row["metrics"]["cosine_to_student"] > 0.99999
+    assert report["exports"]["reference"]["metrics"]["recall@1"] == pytest.approx(report["metrics"]["recall@1"]["student"])
+    with pytest.raises(DistilError) as e:
+        __import__("distil.tasks.export", fromlist=["x"]).export_task_model(tmp_path / "out/student", "onnx",
+                                                                            tmp_path / "onnx")
+    assert "hf only" in e.value.message
 
 
 # ----------------------------------------------------------------------------- resume

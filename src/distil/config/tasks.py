@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from distil.config.recipe import ADAM_BETAS_HELP, OUT_HELP, AdamBetas, GatedEval, Recipe, Section
 
@@ -111,13 +111,32 @@ class ClassificationRecipe(_TaskRecipe):
 # ----------------------------------------------------------------------------- embedding
 
 class EmbeddingStudent(Section):
-    """A smaller BERT-style encoder; weights come from the teacher where shapes allow."""
-    layers: list[int] = Field(description="teacher layers to start from, in order", min_length=1)
+    """A smaller encoder made from the teacher: some of its layers (a transformer), or `static`."""
+    layers: list[int] | None = Field(None, min_length=1, description="teacher layers to start from, in order "
+                                                                      "(a transformer student; not with static)")
+    static: bool = Field(False, description="a static token-embedding student (model2vec's method): the "
+                                            "teacher's output for each vocabulary token alone, reduced by PCA to "
+                                            "hidden_size dimensions and weighted by token frequency; a sentence "
+                                            "is the mean of its tokens' vectors; then trained on the teacher's "
+                                            "sentence embeddings like any student")
     hidden_size: int | None = Field(None, gt=0, description="narrower width: teacher weights projected onto "
-                                                              "the top principal directions of its embeddings")
+                                                              "the top principal directions of its embeddings "
+                                                              "(static: the vectors' dimensions, default 256)")
     intermediate_size: int | None = Field(None, gt=0, description="keep this many MLP neurons per layer")
     num_attention_heads: int | None = Field(None, gt=0, description="fewer attention heads (default: the "
                                                                     "teacher's)")
+    sif_coefficient: float | None = Field(1e-4, gt=0, lt=1, description="static: a token's vector is scaled by "
+                                          "a / (a + p), p its frequency in the training sentences (add-one "
+                                          "smoothed); null: no weighting")
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if self.static and (self.layers or self.intermediate_size or self.num_attention_heads):
+            raise ValueError("a static student has no layers, MLP or attention heads: drop student.layers, "
+                             "intermediate_size and num_attention_heads, or student.static")
+        if not self.static and not self.layers:
+            raise ValueError("student.layers is required (the teacher layers to keep), unless student.static: true")
+        return self
 
 
 class EmbeddingData(Section):
@@ -175,6 +194,14 @@ class EmbeddingRecipe(_TaskRecipe):
     data: EmbeddingData = Field(description="the sentences")
     train: EmbeddingTrain = Field(EmbeddingTrain(), description="how the student is trained")
     eval: EmbeddingEval = Field(EmbeddingEval(), description="how the models are scored")
+
+    @model_validator(mode="after")
+    def _static_exports(self):
+        other = [f for f in self.export.formats if f != "hf"]
+        if self.student.static and other:
+            raise ValueError(f"a static student exports as hf only (a sentence-transformers folder, already a "
+                             f"lookup table); drop {other} from export.formats")
+        return self
 
 
 TASK_RECIPES = {"classification": ClassificationRecipe, "embedding": EmbeddingRecipe}

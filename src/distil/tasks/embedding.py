@@ -3,7 +3,8 @@
 Stages, as for causal LMs:
   generate  the teacher's embedding of every train and held-out sentence, into the teacher cache;
   train     a student built from the teacher (some of its layers; optionally narrower, its
-            weights projected onto the top principal directions of the teacher's word embeddings)
+            weights projected onto the top principal directions of the teacher's word embeddings;
+            or static: one vector per vocabulary token, from the teacher's output for that token)
             on MSE + (1 - cosine) to the teacher's embeddings + KL between in-batch similarity
             distributions; saved with `SentenceTransformer.save`, so `SentenceTransformer(path)` loads it;
   evaluate  retrieval recall@k and MRR (query -> its document), Spearman correlation of pair
@@ -97,13 +98,43 @@ def _encode(model, sentences: list[str], batch_size: int) -> torch.Tensor:
     return model.encode(sentences, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False).float().cpu()
 
 
+def _token_cache_path(recipe: EmbeddingRecipe, identity: str) -> Path:
+    return recipe.cache_dir / "embeddings" / f"tokens-{files.fingerprint('token-embeddings', identity)[:32]}.safetensors"
+
+
+def token_embeddings(teacher, batch_size: int = 512) -> torch.Tensor:
+    """(vocabulary, width): the teacher encoder's mean output for each vocabulary token alone between
+    the tokenizer's special tokens ([CLS] t [SEP] for BERT), model2vec's distillation input."""
+    from distil.progress import progress_bar
+
+    backend = teacher[0].tokenizer.backend_tokenizer
+    encoder = teacher[0].auto_model.eval()
+    with_specials, bare = backend.encode("x").ids, backend.encode("x", add_special_tokens=False).ids
+    start = with_specials.index(bare[0])
+    before, after = with_specials[:start], with_specials[start + len(bare):]
+    vocabulary = encoder.get_input_embeddings().num_embeddings
+    out = []
+    with torch.inference_mode(), progress_bar() as bar:
+        task = bar.add_task("teacher token embeddings", total=vocabulary, status="")
+        for first in range(0, vocabulary, batch_size):
+            ids = torch.tensor([before + [i] + after for i in range(first, min(vocabulary, first + batch_size))])
+            hidden = encoder(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             token_type_ids=torch.zeros_like(ids)).last_hidden_state
+            out.append(hidden.float().mean(1))
+            bar.update(task, advance=len(ids))
+    return torch.cat(out)
+
+
 def generate(recipe: EmbeddingRecipe) -> dict:
-    """Encode every train and held-out sentence with the teacher; cache the embeddings."""
+    """Encode every train and held-out sentence with the teacher (and, for a static student, every
+    vocabulary token); cache the embeddings."""
     from distil.progress import progress_bar
 
     train, held_out = train_sentences(recipe), eval_sentences(recipe, eval_rows(recipe))
     teacher, identity = load_teacher(recipe)
     teacher.max_seq_length = recipe.data.max_length
+    if recipe.student.static and not _token_cache_path(recipe, identity).exists():
+        common.save_tensors(_token_cache_path(recipe, identity), {"tokens": token_embeddings(teacher)})
     path = _cache_path(recipe, identity, train, held_out)
     summary = {"teacher": identity, "rows": len(train) + len(held_out), "cache": str(path)}
     if path.exists():
@@ -122,10 +153,13 @@ def generate(recipe: EmbeddingRecipe) -> dict:
 
 def _cached(recipe: EmbeddingRecipe, identity: str, train: list[str], held_out: list[str]) -> dict[str, torch.Tensor]:
     path = _cache_path(recipe, identity, train, held_out)
+    tokens = _token_cache_path(recipe, identity)
+    if recipe.student.static and not tokens.exists():
+        path = tokens
     if not path.exists():
         raise DistilError("the teacher's embeddings are not in the teacher cache; run `distil generate` first",
                           file=str(path.parent))
-    return common.load_tensors(path)
+    return {**common.load_tensors(path), **(common.load_tensors(tokens) if recipe.student.static else {})}
 
 
 # ----------------------------------------------------------------------------- student
@@ -213,6 +247,41 @@ def build_student(teacher, spec: EmbeddingStudent):
     return SentenceTransformer(modules=modules, device="cpu")
 
 
+def build_static_student(teacher, tokens: torch.Tensor, spec: EmbeddingStudent, sentences: list[str]):
+    """A static SentenceTransformer: StaticEmbedding (mean of token vectors) -> Dense -> Normalize.
+
+    As model2vec distils: each token's vector is the teacher's output for it (`tokens`) projected
+    onto their top `hidden_size` principal directions P, times the SIF weight a / (a + p(token)).
+    Unlike model2vec, p is counted on the training sentences (add-one smoothed) instead of assumed
+    from Zipf's law over the vocabulary's order (measured: better recall and kNN, docs/benchmarks.md).
+    The Dense layer, initialised to P^T, maps back into the teacher's space: it keeps cosines
+    (P's columns are orthonormal), and lets training fit the teacher's sentence embeddings.
+    """
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, StaticEmbedding
+
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(teacher[0].tokenizer.backend_tokenizer.to_str())  # a copy: StaticEmbedding edits it
+    dims = spec.hidden_size or 256
+    if dims > tokens.shape[1]:
+        raise DistilError(f"hidden_size {dims} is wider than the teacher's {tokens.shape[1]}", field="student.hidden_size")
+    centred = tokens.double() - tokens.double().mean(0)
+    proj = _principal_directions(tokens, dims).double()
+    vectors = centred @ proj
+    if spec.sif_coefficient is not None:
+        ids = [i for encoding in backend.encode_batch(sentences, add_special_tokens=False) for i in encoding.ids]
+        counts = torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=len(tokens)).double() + 1
+        p = counts / counts.sum()
+        vectors *= (spec.sif_coefficient / (spec.sif_coefficient + p))[:, None]
+    out_dim = tokens.shape[1]
+    modules = [StaticEmbedding(backend, embedding_weights=vectors.float()),
+               Dense(dims, out_dim, bias=True, activation_function=torch.nn.Identity(),
+                     init_weight=proj.float().contiguous(), init_bias=torch.zeros(out_dim)),
+               Normalize()]
+    return SentenceTransformer(modules=modules, device="cpu")
+
+
 # ----------------------------------------------------------------------------- train
 
 def embedding_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, cfg) -> torch.Tensor:
@@ -232,7 +301,8 @@ def train(recipe: EmbeddingRecipe, resume: bool = False) -> dict:
     sentences, held_out = train_sentences(recipe), eval_sentences(recipe, eval_rows(recipe))
     teacher, identity = load_teacher(recipe)
     teacher.max_seq_length = recipe.data.max_length
-    target = _cached(recipe, identity, sentences, held_out)["train"]
+    cached = _cached(recipe, identity, sentences, held_out)
+    target = cached["train"]
     cfg = recipe.train
     key = files.fingerprint(recipe.student.model_dump(), cfg.model_dump(exclude={"checkpoint_every"}), identity,
                              sentences, recipe.data.max_length)
@@ -241,7 +311,8 @@ def train(recipe: EmbeddingRecipe, resume: bool = False) -> dict:
     if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == key:
         return {"student": {"skipped": True, **json.loads(marker.read_text())["summary"]}}
     torch.manual_seed(cfg.seed)
-    student = build_student(teacher, recipe.student)
+    student = (build_static_student(teacher, cached["tokens"], recipe.student, sentences) if recipe.student.static
+               else build_student(teacher, recipe.student))
     del teacher
 
     def mean_loss(idx, device):
@@ -314,6 +385,37 @@ EMBEDDING_METRICS = {
 }
 
 
+def score(recipe: EmbeddingRecipe, model, rows: list[dict]) -> tuple[dict, torch.Tensor | None]:
+    """One model's held-out metrics (retrieval, human-scored pairs, kNN) and its pair cosines."""
+    from scipy.stats import spearmanr
+
+    d, e = recipe.data, recipe.eval
+    pairs, scores = _pairs(recipe, rows)
+    m: dict = {}
+    if d.query_field and d.document_field:
+        docs = list(dict.fromkeys(r[d.document_field] for r in rows))
+        gold = torch.tensor([docs.index(r[d.document_field]) for r in rows])
+        m.update(retrieval_metrics(_encode(model, [r[d.query_field] for r in rows], e.batch_size),
+                                   _encode(model, docs, e.batch_size), gold, e.recall_at))
+    pair_sims = None
+    if pairs:
+        a = _encode(model, [p[0] for p in pairs], e.batch_size)
+        b = _encode(model, [p[1] for p in pairs], e.batch_size)
+        pair_sims = torch.nn.functional.cosine_similarity(a, b)
+        if scores is not None:
+            m["spearman_score"] = float(spearmanr(pair_sims.numpy(), scores).statistic)
+    if d.label_field:
+        m["knn_accuracy"] = knn_accuracy(_encode(model, [r[d.query_field or d.text_fields[0]] for r in rows], e.batch_size),
+                                         [str(r[d.label_field]) for r in rows], e.knn)
+    return m, pair_sims
+
+
+def speed_sentences(recipe: EmbeddingRecipe, rows: list[dict]) -> list[str]:
+    """eval.speed_sentences held-out sentences (repeated as needed), the text every speed is timed on."""
+    text = eval_sentences(recipe, rows)
+    return (text * (recipe.eval.speed_sentences // max(len(text), 1) + 1))[: recipe.eval.speed_sentences]
+
+
 def evaluate(recipe: EmbeddingRecipe) -> dict:
     """Score teacher and student on the held-out rows; write report.json and report.html."""
     from scipy.stats import spearmanr
@@ -328,34 +430,19 @@ def evaluate(recipe: EmbeddingRecipe) -> dict:
         raise DistilError("no trained student; run `distil train` first", file=str(folder))
     roles = {"teacher": teacher, "student": SentenceTransformer(str(folder), device="cpu")}
     folders = {"teacher": sources.resolve(recipe.teacher.model, field="teacher.model").directory, "student": folder}
-    pairs, scores = _pairs(recipe, rows)
+    pairs, _ = _pairs(recipe, rows)
     results, models, pair_sims = {}, {}, {}
-    speed_text = eval_sentences(recipe, rows)
-    speed_text = (speed_text * (e.speed_sentences // max(len(speed_text), 1) + 1))[: e.speed_sentences]
+    speed_text = speed_sentences(recipe, rows)
     for role, model in roles.items():
-        m: dict = {}
-        if d.query_field and d.document_field:
-            docs = list(dict.fromkeys(r[d.document_field] for r in rows))
-            gold = torch.tensor([docs.index(r[d.document_field]) for r in rows])
-            m.update(retrieval_metrics(_encode(model, [r[d.query_field] for r in rows], e.batch_size),
-                                       _encode(model, docs, e.batch_size), gold, e.recall_at))
-        if pairs:
-            a = _encode(model, [p[0] for p in pairs], e.batch_size)
-            b = _encode(model, [p[1] for p in pairs], e.batch_size)
-            pair_sims[role] = torch.nn.functional.cosine_similarity(a, b).numpy()
-            if scores is not None:
-                m["spearman_score"] = float(spearmanr(pair_sims[role], scores).statistic)
-        if d.label_field:
-            m["knn_accuracy"] = knn_accuracy(_encode(model, [r[d.query_field or d.text_fields[0]] for r in rows], e.batch_size),
-                                             [str(r[d.label_field]) for r in rows], e.knn)
-        results[role] = m
+        results[role], pair_sims[role] = score(recipe, model, rows)
         models[role] = {"name": identity if role == "teacher" else role, "path": str(folders[role]),
                         "params": common.parameter_count(model), "size_bytes": sources.folder_size(folders[role]),
                         "speed": {"value": round(sentences_per_s(model, speed_text, e.batch_size), 1),
                                   "unit": "sentences/s"}, "peak_memory_bytes": None}
     if pairs:
         results["teacher"]["spearman_teacher"] = 1.0
-        results["student"]["spearman_teacher"] = float(spearmanr(pair_sims["student"], pair_sims["teacher"]).statistic)
+        results["student"]["spearman_teacher"] = float(spearmanr(pair_sims["student"].numpy(),
+                                                                 pair_sims["teacher"].numpy()).statistic)
     metrics = metrics_block(results, {**{f"recall@{k}": (True, f"share of queries whose document ranks in the top {k}")
                                          for k in e.recall_at}, **EMBEDDING_METRICS})
     t, s = models["teacher"], models["student"]

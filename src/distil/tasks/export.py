@@ -212,6 +212,8 @@ def export_task_model(folder: Path | str, fmt: str, out: Path | str) -> Exported
                           f"choose one of {', '.join(TASK_FORMATS)}", field="format")
     folder, out = Path(folder), Path(out)
     model, kind = load_source(folder)
+    if kind == "sentence" and fmt != "hf" and _encoder_path_from_disk(folder) is None:
+        raise DistilError(f"a static sentence model exports as hf only, not {fmt}", file=str(folder), field="format")
 
     def write(tmp: Path) -> None:
         if fmt == "hf":
@@ -249,7 +251,8 @@ class TaskRuntime:
         else:
             self.model, _ = load_source(path)
         self.runtime = {"onnx": "onnxruntime", "int8": "torch int8 dynamic"}.get(self.format, "torch")
-        if self.kind in ("sentence", "sequence"):
+        self.tokenizer = None  # a static sentence model tokenizes inside its first module
+        if self.kind == "sequence" or (self.kind == "sentence" and _encoder_path_from_disk(path)):
             sub = path / _encoder_path_from_disk(path) if self.kind == "sentence" else path
             self.tokenizer = _tokenizer(sub)
             self.max_length = _max_seq_length(path) if self.kind == "sentence" else None
@@ -271,6 +274,9 @@ class TaskRuntime:
         return self._run(x)
 
     def encode(self, sentences: list[str], batch_size: int = 64) -> torch.Tensor:
+        if self.tokenizer is None:
+            return self.model.encode(sentences, batch_size=batch_size, convert_to_tensor=True,
+                                     show_progress_bar=False).float().cpu()
         out = []
         for i in range(0, len(sentences), batch_size):
             enc = self.tokenizer(sentences[i:i + batch_size], padding=True, truncation=True,
@@ -279,9 +285,10 @@ class TaskRuntime:
         return torch.cat(out)
 
 
-def _encoder_path_from_disk(folder: Path) -> str:
+def _encoder_path_from_disk(folder: Path) -> str | None:
+    """The Transformer module's folder of a sentence-transformers model; None for a static one."""
     modules = json.loads((folder / "modules.json").read_text())
-    return next(m["path"] for m in modules if m["type"].endswith("Transformer"))
+    return next((m["path"] for m in modules if m["type"].endswith("Transformer")), None)
 
 
 def _max_seq_length(folder: Path) -> int | None:
