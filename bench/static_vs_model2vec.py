@@ -4,7 +4,7 @@
         --model "distil static=runs/minilm-static/student" --model "distil 4-layer=runs/minilm/student"
 
 model2vec 0.10's `distill` extra pins transformers<5.4 while distil pins 5.24, so model2vec runs in
-its own venv (WORK/venv, made on first use: torch==2.13.0 CPU and model2vec[distill]==0.10.0). There it
+its own venv (WORK/venv, made on first use: torch==2.13.0 CPU and model2vec[distill,quantization]==0.10.0). There it
 distils the recipe's teacher with its defaults (PCA to 256 dimensions, SIF weights 1e-4 over Zipf
 ranks, mean pooling) into WORK/model2vec, times its own `StaticModel.encode`, and saves its
 embeddings of the timed sentences. Here every model (the teacher, model2vec's, each --model) is
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL2VEC = "model2vec[distill]==0.10.0"
+MODEL2VEC = "model2vec[distill,quantization]==0.10.0"  # distill imports scikit-learn (quantization)
 
 DISTIL_IN_VENV = """
 import json, sys, time
@@ -78,10 +78,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--recipe", default=str(REPO / "recipes" / "minilm-static.yaml"),
                         help="teacher, held-out rows and eval settings")
     parser.add_argument("--model", action="append", default=[], help="LABEL=FOLDER of a sentence-transformers model")
+    parser.add_argument("--speed-sentences", type=int, default=4096,
+                        help="held-out sentences (repeated) each model encodes for sentences/s")
     args = parser.parse_args(argv)
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, [f"eval.speed_sentences={args.speed_sentences}"])
     rows = eval_rows(recipe)
     timed = speed_sentences(recipe, rows)
     (work / "timed.json").write_text(json.dumps(timed))
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     m2v_dir = work / "model2vec"
     if not (m2v_dir / "own.json").exists():
         proc = subprocess.run([str(model2vec_venv(work)), "-c", DISTIL_IN_VENV, str(teacher_dir), str(m2v_dir),
-                               str(work / "timed.json")], check=True, capture_output=True, text=True)
+                               str(work / "timed.json")], check=True, stdout=subprocess.PIPE, text=True)
         (m2v_dir / "own.json").write_text(proc.stdout.strip().splitlines()[-1])
     own = json.loads((m2v_dir / "own.json").read_text())
 
@@ -126,13 +128,15 @@ def main(argv: list[str] | None = None) -> dict:
 def table(out: dict) -> str:
     teacher = out["models"]["teacher"]
     names = list(teacher["metrics"])
-    lines = ["| model | parameters | " + " | ".join(names) + " | sentences/s |", "|---" * (len(names) + 3) + "|"]
+    lines = ["| model | parameters | " + " | ".join(names) + " | sentences/s (sentence-transformers; model2vec's own "
+             "encode) |", "|---" * (len(names) + 3) + "|"]
     for label, r in out["models"].items():
         cells = []
         for name in names:
             value, ref = r["metrics"].get(name), teacher["metrics"][name]
             cells.append(f"{value:.4f}" + (f" ({100 * value / ref:.0f}%)" if label != "teacher" and ref else ""))
-        lines.append(f"| {label} | {r['params']:,} | " + " | ".join(cells) + f" | {r['sentences_per_s']:.0f} |")
+        own = f"; {r['own_sentences_per_s']:.0f}" if "own_sentences_per_s" in r else ""
+        lines.append(f"| {label} | {r['params']:,} | " + " | ".join(cells) + f" | {r['sentences_per_s']:.0f}{own} |")
     return "\n".join(lines)
 
 

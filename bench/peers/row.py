@@ -2,8 +2,10 @@
 
     python -m bench.peers.row NAME WORK OUT [recipe overrides for distil-* rows...]
 
-The driver (`bench.peers.run`) starts one such process per row, so each row's peak RSS
-(`ru_maxrss` of this process) is its own.
+The driver (`bench.peers.run`) starts one such process per row, so each row's peak RSS is its own:
+VmHWM of /proc/self/status, the high-water mark of this process's own memory map. (Not `ru_maxrss`:
+it survives fork and exec, so every row reported the driver's peak, 3,376 MB, once the driver had
+loaded the teacher.)
 """
 
 from __future__ import annotations
@@ -17,13 +19,22 @@ from pathlib import Path
 STARTED = time.perf_counter()  # before torch, transformers and TRL are imported: their import time counts
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set, MB (VmHWM; ru_maxrss where /proc is absent)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(x for x in status.read_text().splitlines() if x.startswith("VmHWM:"))
+        return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def main(argv: list[str]) -> None:
     from bench.peers.trainers import run_row
 
     name, work, out, extra = argv[0], Path(argv[1]), Path(argv[2]), argv[3:]
     result = run_row(name, work, out, extra)
     result.update(row=name, overrides=extra, wall_s=round(time.perf_counter() - STARTED, 2),
-                  peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+                  peak_rss_mb=peak_rss_mb())
     (out / "result.json").write_text(json.dumps(result, indent=2))
 
 

@@ -252,7 +252,7 @@ class TaskRuntime:
             self.model, _ = load_source(path)
         self.runtime = {"onnx": "onnxruntime", "int8": "torch int8 dynamic"}.get(self.format, "torch")
         self.tokenizer = None  # a static sentence model tokenizes inside its first module
-        if self.kind == "sequence" or (self.kind == "sentence" and _encoder_path_from_disk(path)):
+        if self.kind == "sequence" or (self.kind == "sentence" and _encoder_path_from_disk(path) is not None):
             sub = path / _encoder_path_from_disk(path) if self.kind == "sentence" else path
             self.tokenizer = _tokenizer(sub)
             self.max_length = _max_seq_length(path) if self.kind == "sentence" else None
