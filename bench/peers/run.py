@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -38,6 +39,7 @@ READS_TEACHER_TEXT = ("trl-sft", "trl-gkd", "distil")
 def train_row(name: str, work: Path, overrides: list[str]) -> dict:
     """Train one row in a fresh process; returns its result.json plus the process's wall time seen from here."""
     out = work / "runs" / name.replace("/", "--")
+    shutil.rmtree(out, ignore_errors=True)  # a rerun trains again (distil would reuse a finished student)
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "bench.peers.row", name, str(work), str(out), *overrides], check=True,
                    cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
