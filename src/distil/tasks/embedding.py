@@ -152,14 +152,14 @@ def generate(recipe: EmbeddingRecipe) -> dict:
 
 
 def _cached(recipe: EmbeddingRecipe, identity: str, train: list[str], held_out: list[str]) -> dict[str, torch.Tensor]:
-    path = _cache_path(recipe, identity, train, held_out)
-    tokens = _token_cache_path(recipe, identity)
-    if recipe.student.static and not tokens.exists():
-        path = tokens
-    if not path.exists():
-        raise DistilError("the teacher's embeddings are not in the teacher cache; run `distil generate` first",
-                          file=str(path.parent))
-    return {**common.load_tensors(path), **(common.load_tensors(tokens) if recipe.student.static else {})}
+    paths = [_cache_path(recipe, identity, train, held_out)]
+    if recipe.student.static:
+        paths.append(_token_cache_path(recipe, identity))  # its "tokens" tensor joins "train" and "eval"
+    for path in paths:
+        if not path.exists():
+            raise DistilError("the teacher's embeddings are not in the teacher cache; run `distil generate` first",
+                              file=str(path))
+    return {name: t for path in paths for name, t in common.load_tensors(path).items()}
 
 
 # ----------------------------------------------------------------------------- student
@@ -259,7 +259,6 @@ def build_static_student(teacher, tokens: torch.Tensor, spec: EmbeddingStudent, 
     """
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Dense, Normalize, StaticEmbedding
-
     from tokenizers import Tokenizer
 
     backend = Tokenizer.from_str(teacher[0].tokenizer.backend_tokenizer.to_str())  # a copy: StaticEmbedding edits it
