@@ -193,6 +193,76 @@ def test_classification_end_to_end_save_and_reload(tmp_path):
     assert gap["ci95"][0] <= gap["value"] <= gap["ci95"][1]
 
 
+def test_random_views_shift_and_mirror_each_image_from_the_seed_alone():
+    from distil.config.tasks import ImageViews
+    from distil.tasks.classification import random_views
+
+    images = torch.arange(2 * 3 * 5 * 6, dtype=torch.float32).view(2, 3, 5, 6) + 1  # no zero pixel
+    assert torch.equal(random_views(images, ImageViews(shift=0, flip=False), 7), images)
+    views = ImageViews(shift=2, flip=True)
+    batch = images.repeat(20, 1, 1, 1)
+    out = random_views(batch, views, 7)
+    assert torch.equal(out, random_views(batch, views, 7)) and not torch.equal(out, random_views(batch, views, 8))
+    # each view is the image moved by (dy, dx) in [-2, 2]^2 with zeros shifted in, perhaps mirrored
+    padded = torch.nn.functional.pad(batch, (2, 2, 2, 2))
+    seen = set()
+    for i in range(len(batch)):
+        matches = [(dy, dx, m) for dy in range(5) for dx in range(5) for m in (False, True)
+                   if torch.equal(out[i], (lambda v: v.flip(-1) if m else v)(padded[i, :, dy:dy + 5, dx:dx + 6]))]
+        assert len(matches) == 1, i
+        seen.add(matches[0])
+    assert len(seen) > 10  # the 40 views are not all the same shift
+
+
+def test_consistent_teaching_the_teacher_scores_the_view_the_student_sees(tmp_path, monkeypatch):
+    """train.augment: the first logged KD loss equals the loss of the initial student against the
+    teacher on the same random views (not the teacher's cached logits of the plain images)."""
+    from distil import pipeline
+    from distil.config.tasks import ImageViews
+    from distil.tasks import classification, common
+    from distil.training.loop import micro_batch_order
+
+    for name, n, seed in (("train", 240, 0), ("eval", 30, 1)):
+        x, y = _images(n, seed)
+        np.savez(tmp_path / f"{name}.npz", x=x, y=y)
+    data = _cls_dict(tmp_path)
+    data["teacher"]["train"]["augment"] = {"shift": 1}
+    data["train"].update(augment={"shift": 2, "flip": True}, epochs=1, baseline=False, seed=3)
+    recipe = load_recipe(_write(tmp_path / "r.yaml", data))
+    pipeline.generate(recipe)
+    monkeypatch.setattr(common, "LOG_EVERY", 1)
+    pipeline.train(recipe)
+    first = json.loads((tmp_path / "out/logs/student.jsonl").read_text().splitlines()[0])
+
+    train_split, held_out = classification.load_data(recipe)
+    teacher, _ = classification.teacher(recipe, train_split)
+    idx = torch.tensor(micro_batch_order(240, 32, 3, 0, 1, drop_last=False)[0])
+    views = classification.random_views(train_split.x[idx], ImageViews(shift=2, flip=True), common.view_seed(3, 0, 0))
+    torch.manual_seed(3)
+    student = classification.build_model("factory:mlp", {"in_features": 64, "hidden": [8]}, None, 3, False)
+    with torch.no_grad():
+        online = teacher(views)
+        expected = soft_label_kd(student(views).double(), online.double(), train_split.y[idx], temperature=2.0, alpha=0.5)
+        cached = classification._cached_logits(recipe, train_split, held_out)["train"][idx]
+        stale = soft_label_kd(student(views).double(), cached.double(), train_split.y[idx], temperature=2.0, alpha=0.5)
+    assert first["step"] == 1 and first["loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert abs(float(stale) - float(expected)) > 1e-3  # the cached targets would give another loss
+
+
+def test_random_views_need_images(tmp_path):
+    from distil import pipeline
+
+    rng = np.random.default_rng(0)
+    for name in ("train", "eval"):
+        np.savez(tmp_path / f"{name}.npz", x=rng.normal(size=(40, 64)).astype(np.float32), y=rng.integers(0, 3, 40))
+    data = _cls_dict(tmp_path)
+    data["teacher"] = {"model": "factory:mlp", "args": {"in_features": 64, "hidden": [8]},
+                       "train": {"epochs": 1, "augment": {}}}
+    with pytest.raises(DistilError, match="random views need images") as e:
+        pipeline.generate(load_recipe(_write(tmp_path / "r.yaml", data)))
+    assert e.value.field == "teacher.train.augment"
+
+
 def test_classification_with_hugging_face_image_classifiers(tmp_path):
     """An AutoModelForImageClassification teacher (fine-tuned first) and a narrower one built from its config."""
     from transformers import ViTConfig, ViTForImageClassification
@@ -450,7 +520,8 @@ def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(sa[k], sb[k]), k
 
 
-def test_classification_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
+@pytest.mark.parametrize("augment", [None, {"shift": 2}], ids=["plain", "random-views"])
+def test_classification_resumed_run_equals_uninterrupted(tmp_path, monkeypatch, augment):
     from distil import pipeline
     from distil.tasks.classification import load_model
 
@@ -459,6 +530,7 @@ def test_classification_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
         np.savez(tmp_path / f"{name}.npz", x=x, y=y)
     data = _cls_dict(tmp_path)
     data["student"]["args"]["dropout"] = 0.3  # the RNG state must be restored too
+    data["train"]["augment"] = augment  # the views too, and the online teacher's scores of them
     data["train"]["checkpoint_every"] = 3
     data["train"]["baseline"] = False
     runs = {}
@@ -703,7 +775,7 @@ torch.manual_seed(0)
 model = factory.build("factory:mlp", 3, {"in_features": 16, "hidden": [8]})
 cfg = ClassificationTrain(epochs=2, batch_size=batch_size, grad_accum=grad_accum, lr=1e-2, warmup=2, temperature=2.0)
 
-def mean_loss(idx, device):
+def mean_loss(idx, device, _view_seed):
     return soft_label_kd(model(x[idx].to(device)), soft[idx].to(device), y[idx].to(device),
                          temperature=cfg.temperature, alpha=cfg.alpha)
 

@@ -43,6 +43,13 @@ class _TaskRecipe(Section):
 
 # ----------------------------------------------------------------------------- classification
 
+class ImageViews(Section):
+    """Random views of each training image, drawn anew for every micro-batch (from the seed, the step and the
+    micro-batch, so a resumed run draws the same)."""
+    shift: int = Field(2, ge=0, description="translate by up to this many pixels each way (zero fill)")
+    flip: bool = Field(True, description="mirror left-right with probability 0.5")
+
+
 class FitConfig(Section):
     """How a classifier is trained (the teacher on hard labels, the student on soft + hard labels)."""
     epochs: int = Field(5, gt=0, description="passes over the training set")
@@ -54,6 +61,9 @@ class FitConfig(Section):
     warmup: int = Field(50, ge=0, description="linear warmup steps (at most half the steps), then cosine decay to 0")
     max_grad_norm: float | None = Field(5.0, gt=0, description="clip the gradient norm to this (null: no clipping)")
     seed: int = Field(0, description="random seed: initialisation and batch order")
+    augment: ImageViews | None = Field(None, description="train on random views of the images (images only). "
+                                       "For the student, the teacher scores each view it sees, online, instead "
+                                       "of its cached logits of the plain images (consistent teaching)")
 
 
 class ClassifierTeacher(Section):

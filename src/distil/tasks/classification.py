@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from distil import files
-from distil.config.tasks import ClassificationRecipe
+from distil.config.tasks import ClassificationRecipe, ImageViews
 from distil.data.examples import read_table
 from distil.errors import DistilError
 from distil.evaluation.metrics import metrics_block, paired_bootstrap
@@ -130,6 +130,30 @@ def load_data(recipe: ClassificationRecipe) -> tuple[Split, Split]:
     return train, held_out
 
 
+def random_views(images: torch.Tensor, views: ImageViews, seed: int) -> torch.Tensor:
+    """`images` (N, C, H, W), each shifted by up to views.shift pixels each way (zero fill) and, with
+    views.flip, mirrored left-right with probability 0.5; the random numbers come from `seed` alone."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = images.shape
+    s = views.shift
+    if s:
+        dy, dx = torch.randint(0, 2 * s + 1, (2, n, 1), generator=g).to(images.device)
+        rows = (dy + torch.arange(h, device=images.device))[:, None, :, None]
+        cols = (dx + torch.arange(w, device=images.device))[:, None, None, :]
+        padded = F.pad(images, (s, s, s, s))
+        images = padded[torch.arange(n, device=images.device)[:, None, None, None],
+                        torch.arange(c, device=images.device)[None, :, None, None], rows, cols]
+    if views.flip:
+        mirrored = (torch.rand(n, generator=g) < 0.5).to(images.device)[:, None, None, None]
+        images = torch.where(mirrored, images.flip(-1), images)
+    return images
+
+
+def _check_views(views: ImageViews | None, split: Split, field: str) -> None:
+    if views is not None and (not isinstance(split.x, torch.Tensor) or split.x.dim() != 4):
+        raise DistilError("random views need images (N, C, H, W); these examples are not", field=field)
+
+
 def _is_text(recipe: ClassificationRecipe) -> bool:
     name = Path(recipe.data.train).name
     return not (name.endswith((".npz", ".gz")) or "-idx" in name)
@@ -223,11 +247,15 @@ def teacher(recipe: ClassificationRecipe, train: Split) -> tuple[torch.nn.Module
     folder = _teacher_folder(recipe, train)
     if (folder / "distil_train.json").exists():
         return load_model(folder, is_text), folder.name
+    _check_views(t.train.augment, train, "teacher.train.augment")
     torch.manual_seed(t.train.seed)
     model = build_model(t.model, t.args, None, len(train.classes), is_text)
 
-    def mean_loss(idx, device):
-        return F.cross_entropy(logits_of(model, common.to_device(train.take(idx), device)), train.y[idx].to(device))
+    def mean_loss(idx, device, view_seed):
+        x = common.to_device(train.take(idx), device)
+        if t.train.augment is not None:
+            x = random_views(x, t.train.augment, view_seed)
+        return F.cross_entropy(logits_of(model, x), train.y[idx].to(device))
 
     work = folder.with_name(f"{folder.name}.work")  # the loop's log and fingerprint; no checkpoints
     summary = common.train_examples(model, mean_loss, len(train), t.train, out_dir=work, name="teacher")
@@ -269,11 +297,16 @@ def _cached_logits(recipe: ClassificationRecipe, train: Split, held_out: Split) 
 # ----------------------------------------------------------------------------- train
 
 def train(recipe: ClassificationRecipe, resume: bool = False) -> dict:
-    """Train the student on soft + hard labels (and the hard-label baseline); save under <out>/."""
+    """Train the student on soft + hard labels (and the hard-label baseline); save under <out>/.
+
+    With train.augment every model sees random views, and the teacher scores each view the student
+    sees (on the student's device, in eval mode) instead of its cached logits of the plain images."""
     train_split, held_out = load_data(recipe)
     soft = _cached_logits(recipe, train_split, held_out)["train"]
     s, cfg = recipe.student, recipe.train
     is_text = isinstance(train_split.x, dict)
+    _check_views(cfg.augment, train_split, "train.augment")
+    online = teacher(recipe, train_split)[0] if cfg.augment is not None and cfg.alpha < 1.0 else None
     runs = [("student", cfg.alpha)] + ([("baseline", 1.0)] if recipe.train.baseline else [])
     summaries = {}
     for name, alpha in runs:
@@ -288,9 +321,16 @@ def train(recipe: ClassificationRecipe, resume: bool = False) -> dict:
         torch.manual_seed(cfg.seed)
         model = build_model(s.model, s.args, s.config, len(train_split.classes), is_text)
 
-        def mean_loss(idx, device, model=model, alpha=alpha):
-            return soft_label_kd(logits_of(model, common.to_device(train_split.take(idx), device)), soft[idx].to(device),
-                                 train_split.y[idx].to(device), temperature=cfg.temperature, alpha=alpha)
+        def mean_loss(idx, device, view_seed, model=model, alpha=alpha):
+            x = common.to_device(train_split.take(idx), device)
+            targets = soft[idx].to(device)
+            if cfg.augment is not None:
+                x = random_views(x, cfg.augment, view_seed)
+                if alpha < 1.0:
+                    with torch.no_grad():
+                        targets = logits_of(online.to(device), x).float()
+            return soft_label_kd(logits_of(model, x), targets, train_split.y[idx].to(device),
+                                 temperature=cfg.temperature, alpha=alpha)
 
         n = min(cfg.examples or len(train_split), len(train_split))
         summary = common.train_examples(model, mean_loss, n, cfg, out_dir=recipe.out_dir, name=name,

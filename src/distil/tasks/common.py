@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -34,23 +35,30 @@ def to_device(x, device: torch.device):
 
 
 class ExampleObjective(nn.Module):
-    """A task model for the loop: `forward(idx)` returns (the loss summed over examples idx,).
+    """A task model for the loop: `forward((idx, seed))` returns (the loss summed over examples idx,).
 
-    `mean_loss(idx, device)` is the task's per-example mean loss on examples idx (their inputs
+    `mean_loss(idx, device, seed)` is the task's per-example mean loss on examples idx (their inputs
     moved to `device`, where the model is); times len(idx) it is a sum, which the loop divides
-    by the global batch's example count.
+    by the global batch's example count. `seed` is the micro-batch's own (`view_seed`): random
+    views drawn from it are the same in a resumed run and on any number of processes.
     """
 
-    def __init__(self, model: nn.Module, mean_loss: Callable[[torch.Tensor, torch.device], torch.Tensor]):
+    def __init__(self, model: nn.Module, mean_loss: Callable[[torch.Tensor, torch.device, int], torch.Tensor]):
         super().__init__()
         self.model, self.mean_loss = model, mean_loss
 
-    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor]:
+    def forward(self, batch: tuple[torch.Tensor, int]) -> tuple[torch.Tensor]:
+        idx, seed = batch
         device = next(self.model.parameters()).device
-        return (self.mean_loss(idx, device) * len(idx),)
+        return (self.mean_loss(idx, device, seed) * len(idx),)
 
 
-def train_examples(model: nn.Module, mean_loss: Callable[[torch.Tensor, torch.device], torch.Tensor], n: int, cfg, *,
+def view_seed(seed: int, step: int, micro: int) -> int:
+    """The random seed of micro-batch `micro` of optimizer step `step` in a run seeded `seed`."""
+    return int(np.random.SeedSequence([seed, step, micro]).generate_state(1)[0])
+
+
+def train_examples(model: nn.Module, mean_loss: Callable[[torch.Tensor, torch.device, int], torch.Tensor], n: int, cfg, *,
                    out_dir: Path, name: str, checkpoint_every: int = 0, resume: bool = False,
                    fingerprint: str = "") -> dict:
     """Train `model` in place for `cfg.epochs` passes over examples 0..n-1 (see ExampleObjective).
@@ -70,7 +78,8 @@ def train_examples(model: nn.Module, mean_loss: Callable[[torch.Tensor, torch.de
                             max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, log_every=LOG_EVERY,
                             checkpoint_every=checkpoint_every, adam_betas=tuple(cfg.adam_betas), drop_last=False)
     with progress_bar() as bar:
-        summary = loop.run(ExampleObjective(model, mean_loss), lambda step, micro, idx: (torch.tensor(idx), len(idx)),
+        summary = loop.run(ExampleObjective(model, mean_loss),
+                           lambda step, micro, idx: ((torch.tensor(idx), view_seed(cfg.seed, step, micro)), len(idx)),
                            n, settings, out_dir=out_dir, run_name=name, resume=resume, fingerprint=fingerprint,
                            progress=bar)
     model.cpu().eval()

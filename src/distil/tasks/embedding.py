@@ -314,7 +314,7 @@ def train(recipe: EmbeddingRecipe, resume: bool = False) -> dict:
                else build_student(teacher, recipe.student))
     del teacher
 
-    def mean_loss(idx, device):
+    def mean_loss(idx, device, _view_seed):  # sentences have no random views
         features = common.to_device(student.preprocess([sentences[i] for i in idx]), device)
         emb = student(features)["sentence_embedding"]
         return embedding_loss(emb, target[idx].to(device), cfg)
