@@ -154,6 +154,12 @@ def _check_views(views: ImageViews | None, split: Split, field: str) -> None:
         raise DistilError("random views need images (N, C, H, W); these examples are not", field=field)
 
 
+def _inputs(split: Split, idx: torch.Tensor, device: torch.device, views: ImageViews | None, seed: int):
+    """Examples idx of `split` on `device`: as stored, or with `views`, their random views drawn from `seed`."""
+    x = common.to_device(split.take(idx), device)
+    return x if views is None else random_views(x, views, seed)
+
+
 def _is_text(recipe: ClassificationRecipe) -> bool:
     name = Path(recipe.data.train).name
     return not (name.endswith((".npz", ".gz")) or "-idx" in name)
@@ -252,9 +258,7 @@ def teacher(recipe: ClassificationRecipe, train: Split) -> tuple[torch.nn.Module
     model = build_model(t.model, t.args, None, len(train.classes), is_text)
 
     def mean_loss(idx, device, view_seed):
-        x = common.to_device(train.take(idx), device)
-        if t.train.augment is not None:
-            x = random_views(x, t.train.augment, view_seed)
+        x = _inputs(train, idx, device, t.train.augment, view_seed)
         return F.cross_entropy(logits_of(model, x), train.y[idx].to(device))
 
     work = folder.with_name(f"{folder.name}.work")  # the loop's log and fingerprint; no checkpoints
@@ -306,7 +310,7 @@ def train(recipe: ClassificationRecipe, resume: bool = False) -> dict:
     s, cfg = recipe.student, recipe.train
     is_text = isinstance(train_split.x, dict)
     _check_views(cfg.augment, train_split, "train.augment")
-    online = teacher(recipe, train_split)[0] if cfg.augment is not None and cfg.alpha < 1.0 else None
+    online = None
     runs = [("student", cfg.alpha)] + ([("baseline", 1.0)] if recipe.train.baseline else [])
     summaries = {}
     for name, alpha in runs:
@@ -318,17 +322,18 @@ def train(recipe: ClassificationRecipe, resume: bool = False) -> dict:
         if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == key:
             summaries[name] = {"skipped": True, **json.loads(marker.read_text())["summary"]}
             continue
+        if cfg.augment is not None and alpha < 1.0:  # consistent teaching: the teacher scores the student's views
+            online = teacher(recipe, train_split)[0]
         torch.manual_seed(cfg.seed)
         model = build_model(s.model, s.args, s.config, len(train_split.classes), is_text)
 
         def mean_loss(idx, device, view_seed, model=model, alpha=alpha):
-            x = common.to_device(train_split.take(idx), device)
-            targets = soft[idx].to(device)
-            if cfg.augment is not None:
-                x = random_views(x, cfg.augment, view_seed)
-                if alpha < 1.0:
-                    with torch.no_grad():
-                        targets = logits_of(online.to(device), x).float()
+            x = _inputs(train_split, idx, device, cfg.augment, view_seed)
+            if cfg.augment is not None and alpha < 1.0:
+                with torch.no_grad():
+                    targets = logits_of(online.to(device), x).float()
+            else:
+                targets = soft[idx].to(device)
             return soft_label_kd(logits_of(model, x), targets, train_split.y[idx].to(device),
                                  temperature=cfg.temperature, alpha=alpha)
 
