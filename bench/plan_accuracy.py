@@ -6,9 +6,7 @@ Each stage runs in its own process (`distil plan`, `distil generate`, `distil tr
 cache and out folder under --work, so nothing is skipped as already done. Measured: rows and bytes
 of the cache (`TeacherCache.stats()`), completion tokens, seconds of generate and train (timed in
 the process after importing torch and transformers, which no plan counts), and the train process's
-peak RSS, which holds the Python and torch runtime (and for a student built from the teacher, the
-teacher's weights while the student is built) besides the per-device training memory the plan
-predicts. Writes <work>/plan_accuracy.json and prints a Markdown table with the ratio measured / plan.
+peak RSS (VmHWM) against the plan's `train_peak_rss`. Writes <work>/plan_accuracy.json and prints a Markdown table with the ratio measured / plan.
 
 Heavy: it runs the whole recipe once (the quickstart: minutes of generation on 2 cores).
 """
@@ -24,15 +22,16 @@ from pathlib import Path
 # Runs `distil ARGS` in this child process, timed after the heavy imports (torch, transformers: a few
 # seconds no plan counts), and writes its seconds and peak RSS (bytes) to the file named first.
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 import transformers, distil.pipeline, distil.plan
 from distil import cli
+from distil.training.memory import resident_bytes
 out, sys.argv = sys.argv[1], ["distil", *sys.argv[2:]]
 t0 = time.time()
 try:
     cli.main()
 finally:
-    json.dump({"seconds": time.time() - t0, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
+    json.dump({"seconds": time.time() - t0, "rss": resident_bytes(peak=True)},
               open(out, "w"))
 """
 
@@ -70,7 +69,7 @@ def main() -> None:
             ("cache bytes", planned["cache_bytes"], stats["bytes"]),
             ("generate seconds", planned["generate_seconds"], round(generate_s, 1)),
             ("train seconds", planned["train_seconds"], round(train_s, 1)),
-            ("memory per device (plan) / peak RSS of train", planned["memory_per_device"]["total"], train_rss)]
+            ("peak RSS of train", planned["train_peak_rss"]["total"], train_rss)]
     result = {"recipe": a.recipe, "overrides": a.overrides, "plan_seconds": round(plan_wall, 1), "plan": planned,
               "measured": {"cache": stats, "generate_seconds": generate_s, "train_seconds": train_s,
                            "train_peak_rss_bytes": train_rss},

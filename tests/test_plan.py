@@ -11,7 +11,9 @@ from distil import pipeline
 from distil.errors import DistilError
 from distil.generation.cache import TeacherCache
 from distil.config.recipe import TeacherConfig
+from distil.generation.stage import teacher_view
 from distil.plan import parse_memory, plan, teacher_cost
+from distil.training.memory import parameter_bytes
 
 from conftest import run_cli
 
@@ -43,6 +45,11 @@ def test_plan_matches_a_real_run_of_the_tiny_recipe(load):
     assert mem["optimizer"] == 2 * mem["gradients"] > 0 and mem["activations"] > 0
     assert mem["total"] == sum(v for k, v in mem.items() if k != "total")
     assert predicted["cost"] is None  # a local teacher
+    # The train process holds the runtime, the teacher the student is built from, and (on the CPU) the device's part.
+    rss = predicted["train_peak_rss"]
+    assert rss["teacher"] == parameter_bytes(teacher_view(recipe).load_model())[0] > 0
+    assert rss["device"] == mem["total"] and rss["runtime"] > 50e6
+    assert rss["total"] == rss["runtime"] + rss["teacher"] + rss["device"]
 
 
 def test_plan_memory_follows_checkpointing_and_mixed_precision(load):
@@ -52,6 +59,17 @@ def test_plan_memory_follows_checkpointing_and_mixed_precision(load):
     assert ckpt["activations"] < 0.7 * plain["activations"]
     assert bf16["activations"] < plain["activations"]
     assert ckpt["weights"] == bf16["weights"] == plain["weights"]
+
+
+def test_plan_leaves_frozen_embeddings_out_of_gradients_and_optimizer(load):
+    plain = plan(load(), steps=2)["memory_per_device"]
+    frozen = plan(load("train.freeze_embeddings=true"), steps=2)["memory_per_device"]
+    teacher = teacher_view(load()).load_model()  # the student is built from its layers and embeddings
+    embeddings = {w.untyped_storage().data_ptr(): w.numel() * w.element_size()
+                  for w in (teacher.get_input_embeddings().weight, teacher.get_output_embeddings().weight)}
+    assert frozen["weights"] == plain["weights"]
+    assert plain["gradients"] - frozen["gradients"] == sum(embeddings.values()) > 0
+    assert frozen["optimizer"] == 2 * frozen["gradients"]
 
 
 def test_plan_exits_2_naming_the_key_when_the_recipe_does_not_fit(recipe_path):

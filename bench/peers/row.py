@@ -11,7 +11,6 @@ loaded the teacher.)
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -20,12 +19,10 @@ STARTED = time.perf_counter()  # before torch, transformers and TRL are imported
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set, MB (VmHWM; ru_maxrss where /proc is absent)."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        line = next(x for x in status.read_text().splitlines() if x.startswith("VmHWM:"))
-        return round(int(line.split()[1]) / 1024, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    """This process's peak resident set, MB."""
+    from distil.training.memory import resident_bytes
+
+    return round(resident_bytes(peak=True) / 2 ** 20, 1)
 
 
 def main(argv: list[str]) -> None:

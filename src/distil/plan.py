@@ -3,7 +3,7 @@
 The calibration generates a few rows with the recipe's teacher and trains its student a few steps,
 in a temporary folder (the recipe's cache and out are untouched), and scales what it measured to
 the whole recipe: rows, teacher tokens, cache bytes, generation and training seconds, peak memory
-per device, and the teacher's price for hosted teachers. Memory is measured, not modelled: the
+per device and the train process's peak resident set, and the teacher's price for hosted teachers. Memory is measured, not modelled: the
 bytes of the student's weights, of its gradients and AdamW state, and of the tensors one forward
 keeps for backward (`distil.training.memory`), under the recipe's own mixed precision and
 gradient checkpointing.
@@ -31,7 +31,8 @@ from distil.generation.decoding import encode_prompt
 from distil.generation.stage import teacher_view
 from distil.generation.view import cached_rows
 from distil.models import students
-from distil.training.memory import parameter_bytes, saved_activation_bytes
+from distil.training.loop import prepare_student
+from distil.training.memory import parameter_bytes, resident_bytes, saved_activation_bytes
 from distil.training.objective import DistillationObjective
 
 UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
@@ -101,8 +102,7 @@ def measure_memory(recipe: Recipe, calib: Recipe, longest: int) -> dict:
         from distil.models import lora
 
         student = lora.inner(lora.wrap_student(student, recipe.student, Path(calib.out) / "lora"))
-    if cfg.gradient_checkpointing:
-        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    prepare_student(student, cfg)
     student.train()
     weights, trainable = parameter_bytes(student)
     # The longest micro-batch the calibration saw, then scaled to batch_size rows of the longest row possible.
@@ -119,9 +119,10 @@ def measure_memory(recipe: Recipe, calib: Recipe, longest: int) -> dict:
     # Gradients and AdamW's two moments have the trainable parameters' dtype (float32 master weights).
     parts = {"weights": weights, "gradients": trainable, "optimizer": ADAMW_STATES * trainable,
              "activations": int(activations), "loss_chunk": 2 * chunk * vocab * 4}
-    if online and teacher is not None:
-        parts["teacher"] = parameter_bytes(teacher)[0]
-    return {"parts": parts, "measured_batch": {"batch_rows": len(batch_rows), "padded_tokens": padded,
+    teacher_bytes = parameter_bytes(teacher)[0] if teacher is not None else 0
+    if online:
+        parts["teacher"] = teacher_bytes
+    return {"parts": parts, "teacher_bytes": teacher_bytes, "measured_batch": {"batch_rows": len(batch_rows), "padded_tokens": padded,
                                                "saved_bytes": saved}, "longest_row_tokens": longest}
 
 
@@ -139,6 +140,7 @@ def plan(recipe: Recipe, memory: int | None = None, rows: int | None = None, ste
     """
     if recipe.task != "causal_lm":
         raise DistilError(f"distil plan covers task: causal_lm (this recipe is task: {recipe.task})", field="task")
+    runtime = resident_bytes()  # Python, torch and transformers: in the train process too
     train_ex, eval_ex = load_data(recipe)
     total_rows = len(train_ex) + len(eval_ex)
     cfg, gen = recipe.train, recipe.generate
@@ -179,6 +181,11 @@ def plan(recipe: Recipe, memory: int | None = None, rows: int | None = None, ste
     parts = mem["parts"]
     total = sum(parts.values())
     cost = teacher_cost(recipe.teacher, prompt_tokens, completion_tokens)
+    # The train process's peak resident set: the runtime, the teacher's weights (loaded on the host to build the
+    # student or score online, kept for the baseline), and, training on the CPU, the rest of the device's memory.
+    on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    device = total - parts.get("teacher", 0) if on_cpu else 0
+    host = runtime + mem["teacher_bytes"] + device
     result = {
         "rows": total_rows,
         "teacher_tokens": {"prompt": round(prompt_tokens), "completion": round(completion_tokens)},
@@ -187,6 +194,8 @@ def plan(recipe: Recipe, memory: int | None = None, rows: int | None = None, ste
         "train_seconds": round(train_seconds, 1),
         "memory_per_device": {**parts, "total": total},
         "memory_per_device_readable": {k: gigabytes(v) for k, v in {**parts, "total": total}.items()},
+        "train_peak_rss": {"runtime": runtime, "teacher": mem["teacher_bytes"], "device": device,
+                           "total": host, "readable": gigabytes(host)},
         "cost": cost,
         "calibration": {"rows": rows, "steps": steps, "generate_rows_per_s": round(1 / per_row, 2) if per_row else None,
                         "train_seconds_per_step": round(steady, 4), "cache_bytes_per_token": stats["bytes_per_token"],

@@ -32,6 +32,7 @@ from distil.config.recipe import TrainConfig
 from distil.data.batches import Batch, collate
 from distil.errors import DistilError, is_disk_full
 from distil.files import write_atomic
+from distil.training.memory import keep_freed_memory
 from distil.training.objective import DistillationObjective
 from distil.training.online import rollout, teacher_forward
 from distil.training import sharding
@@ -167,6 +168,7 @@ class Loop:
         objective's forward runs under bf16 autocast, parameters and optimizer state stay float32. It is
         the recipe's value, whatever an `accelerate launch` config says."""
         check_trackers(report_to)
+        keep_freed_memory()
         # Accelerate keeps one mixed-precision setting per process; a process that trains several recipes
         # (a notebook, the tests) drops it when it changes. The process group (PartialState) stays.
         if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
@@ -313,6 +315,16 @@ class Loop:
                 "seconds": round(time.time() - t0, 2)}
 
 
+def prepare_student(student: nn.Module, cfg: TrainConfig) -> None:
+    """What the recipe's train section changes in the student before training: gradient checkpointing and
+    frozen embeddings (`distil plan` measures memory on the student prepared the same way)."""
+    if cfg.gradient_checkpointing:
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.freeze_embeddings:
+        student.get_input_embeddings().weight.requires_grad_(False)
+        student.get_output_embeddings().weight.requires_grad_(False)
+
+
 def train_student(student, rows: list[dict], cfg: TrainConfig, *, pad_id: int, out_dir: Path, run_name: str,
                   alpha: float | None = None, resume: bool = False, fingerprint: str = "", progress=None,
                   teacher=None, stop_ids: set[int] = frozenset(), max_new_tokens: int = 64) -> dict:
@@ -339,11 +351,7 @@ def train_student(student, rows: list[dict], cfg: TrainConfig, *, pad_id: int, o
     if (on_policy or hidden) and teacher is None:
         raise DistilError("needs a local teacher model during training", field="train.hidden" if hidden else "train.mode")
     loop = Loop(cfg.seed, tuple(cfg.report_to), out_dir / "logs", mixed_precision=cfg.mixed_precision)
-    if cfg.gradient_checkpointing:
-        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.freeze_embeddings:
-        student.get_input_embeddings().weight.requires_grad_(False)
-        student.get_output_embeddings().weight.requires_grad_(False)
+    prepare_student(student, cfg)
     if hidden:
         _check_hidden_layers(hidden.layers, student, teacher)
     if teacher is not None:

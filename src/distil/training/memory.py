@@ -1,9 +1,17 @@
-"""Measured training memory: the bytes a forward pass keeps for its backward (activations), and the
-sizes of weights, gradients and optimizer state; `distil plan` and the tests read them."""
+"""Training memory: the bytes a forward pass keeps for its backward (activations), the sizes of
+weights, gradients and optimizer state, and the process's resident set (`distil plan`, the tests and
+the benches read them); and the allocator setting that keeps freed tensors' pages for the next step."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import os
+import resource
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -66,3 +74,42 @@ def parameter_bytes(model: nn.Module) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return total, trainable
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+KEEP_FREED_BYTES = 1 << 30
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds to 1 GB, once per process; True when they were set.
+
+    glibc serves every block above its mmap threshold (32 MB at most while it adjusts it itself) from
+    a fresh mmap and unmaps it when freed, and trims the heap top above 128 KB, so a training step that
+    allocates and frees the same large tensors (logits chunks, activations, their gradients) faults
+    their pages in again on every step. Kept, the quickstart's CPU steps take 0.86 s instead of
+    1.12-1.36 s for about 100 MB more peak RSS (docs/benchmarks.md). Other C libraries have no
+    mallopt; a user who tunes malloc through the environment (GLIBC_TUNABLES, MALLOC_*_) keeps that.
+    """
+    tuned = "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(k.startswith("MALLOC_") for k in os.environ)
+    if not sys.platform.startswith("linux") or tuned:
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl and other C libraries
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, KEEP_FREED_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
+
+
+def resident_bytes(peak: bool = False) -> int:
+    """This process's resident set now (VmRSS), or its high-water mark (VmHWM), in bytes.
+
+    From /proc/self/status: unlike `ru_maxrss`, VmHWM is this process's own (ru_maxrss survives fork
+    and exec, so a child reports its parent's peak). Where /proc is absent, ru_maxrss for both.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        key = "VmHWM:" if peak else "VmRSS:"
+        return int(next(x for x in status.read_text().splitlines() if x.startswith(key)).split()[1]) * 1024
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
