@@ -21,7 +21,8 @@ print(kept, before - resident_bytes(), resident_bytes(peak=True) >= before)
 
 
 def freed(mode: str, **env: str) -> tuple[str, int, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"} | env
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "DISTIL_KEEP_FREED_MEMORY")} | env
     out = subprocess.run([sys.executable, "-c", FREE_100MB, mode], capture_output=True, text=True, env=env, check=True)
     kept, returned, peak_seen = out.stdout.split()
     return kept, int(returned), peak_seen
@@ -35,5 +36,6 @@ def test_freed_tensor_pages_stay_with_the_process_only_when_kept():
     kept, returned, _ = freed("default")
     assert kept == "False" and returned > 90 * 2 ** 20
     # A user who tunes malloc through the environment keeps their setting.
-    kept, returned, _ = freed("keep", MALLOC_ARENA_MAX="2")
-    assert kept == "False" and returned > 90 * 2 ** 20
+    for env in ({"MALLOC_ARENA_MAX": "2"}, {"DISTIL_KEEP_FREED_MEMORY": "0"}):
+        kept, returned, _ = freed("keep", **env)
+        assert kept == "False" and returned > 90 * 2 ** 20, env
