@@ -3,10 +3,10 @@
 The calibration generates a few rows with the recipe's teacher and trains its student a few steps,
 in a temporary folder (the recipe's cache and out are untouched), and scales what it measured to
 the whole recipe: rows, teacher tokens, cache bytes, generation and training seconds, peak memory
-per device and the train process's peak resident set, and the teacher's price for hosted teachers. Memory is measured, not modelled: the
-bytes of the student's weights, of its gradients and AdamW state, and of the tensors one forward
-keeps for backward (`distil.training.memory`), under the recipe's own mixed precision and
-gradient checkpointing.
+per device and the train process's peak resident set, and the teacher's price for hosted teachers.
+Memory is measured, not modelled: the bytes of the student's weights, of its gradients and AdamW
+state, and of the tensors one forward keeps for backward (`distil.training.memory`), under the
+recipe's own mixed precision and gradient checkpointing.
 """
 
 from __future__ import annotations
@@ -122,8 +122,8 @@ def measure_memory(recipe: Recipe, calib: Recipe, longest: int) -> dict:
     teacher_bytes = parameter_bytes(teacher)[0] if teacher is not None else 0
     if online:
         parts["teacher"] = teacher_bytes
-    return {"parts": parts, "teacher_bytes": teacher_bytes, "measured_batch": {"batch_rows": len(batch_rows), "padded_tokens": padded,
-                                               "saved_bytes": saved}, "longest_row_tokens": longest}
+    return {"parts": parts, "teacher_bytes": teacher_bytes, "longest_row_tokens": longest,
+            "measured_batch": {"batch_rows": len(batch_rows), "padded_tokens": padded, "saved_bytes": saved}}
 
 
 def plan(recipe: Recipe, memory: int | None = None, rows: int | None = None, steps: int = 5) -> dict:
