@@ -15,23 +15,10 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-CHILD = """
-import json, os, resource, sys
-from distil import cli
-from distil.training.memory import resident_bytes
-out, sys.argv = sys.argv[1], ["distil", *sys.argv[2:]]
-try:
-    cli.main()
-except SystemExit:
-    pass
-json.dump({"peak_rss": resident_bytes(peak=True), "sys_s": resource.getrusage(resource.RUSAGE_SELF).ru_stime},
-          open(out, "w"))
-"""
+from plan_accuracy import stage  # the same fresh-process runner: seconds, peak RSS, system CPU seconds
 
 
 def run(recipe: str, overrides: list[str], steps: int, keep: bool, work: Path) -> dict:
@@ -39,13 +26,11 @@ def run(recipe: str, overrides: list[str], steps: int, keep: bool, work: Path) -
     env = {**os.environ, "DISTIL_KEEP_FREED_MEMORY": "1" if keep else "0"}
     args = ["train", recipe, *overrides, f"out={out}", f"train.steps={steps}", "train.baseline=false",
             "train.log_every=1", f"train.checkpoint_every={steps + 1}"]
-    subprocess.run([sys.executable, "-c", CHILD, str(work / "m.json"), *args], env=env, check=True,
-                   capture_output=True)
+    m = stage(work, "train", *args, env=env)[1]
     log = [json.loads(x) for x in (out / "logs" / "student.jsonl").read_text().splitlines() if x.strip()]
-    m = json.loads((work / "m.json").read_text())
     step = statistics.median(b["elapsed_s"] - a["elapsed_s"] for a, b in zip(log, log[1:]))
     return {"malloc": "kept (1 GB thresholds)" if keep else "glibc default", "s_per_step": round(step, 3),
-            "sys_s": round(m["sys_s"], 1), "peak_rss_mb": round(m["peak_rss"] / 2 ** 20)}
+            "sys_s": round(m["sys_s"], 1), "peak_rss_mb": round(m["rss"] / 2 ** 20)}
 
 
 def main() -> None:

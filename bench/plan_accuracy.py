@@ -6,7 +6,8 @@ Each stage runs in its own process (`distil plan`, `distil generate`, `distil tr
 cache and out folder under --work, so nothing is skipped as already done. Measured: rows and bytes
 of the cache (`TeacherCache.stats()`), completion tokens, seconds of generate and train (timed in
 the process after importing torch and transformers, which no plan counts), and the train process's
-peak RSS (VmHWM) against the plan's `train_peak_rss`. Writes <work>/plan_accuracy.json and prints a Markdown table with the ratio measured / plan.
+peak RSS (VmHWM) against the plan's `train_peak_rss`. Writes <work>/plan_accuracy.json and prints
+a Markdown table with the ratio measured / plan.
 
 Heavy: it runs the whole recipe once (the quickstart: minutes of generation on 2 cores).
 """
@@ -20,9 +21,9 @@ import sys
 from pathlib import Path
 
 # Runs `distil ARGS` in this child process, timed after the heavy imports (torch, transformers: a few
-# seconds no plan counts), and writes its seconds and peak RSS (bytes) to the file named first.
+# seconds no plan counts), and writes its seconds, peak RSS (bytes) and system CPU seconds to the file named first.
 CHILD = """
-import json, sys, time
+import json, resource, sys, time
 import transformers, distil.pipeline, distil.plan
 from distil import cli
 from distil.training.memory import resident_bytes
@@ -31,19 +32,19 @@ t0 = time.time()
 try:
     cli.main()
 finally:
-    json.dump({"seconds": time.time() - t0, "rss": resident_bytes(peak=True)},
-              open(out, "w"))
+    json.dump({"seconds": time.time() - t0, "rss": resident_bytes(peak=True),
+               "sys_s": resource.getrusage(resource.RUSAGE_SELF).ru_stime}, open(out, "w"))
 """
 
 
-def stage(work: Path, name: str, *args: str) -> tuple[subprocess.CompletedProcess, float, int]:
-    """`distil ARGS` in a fresh process: (the process, its seconds after imports, its peak RSS in bytes)."""
+def stage(work: Path, name: str, *args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict]:
+    """`distil ARGS` in a fresh process: (the process, {seconds after imports, rss: peak RSS in bytes, sys_s})."""
     measured = work / f"{name}.json"
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(measured), *args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(measured), *args], capture_output=True, text=True,
+                          env=env)
     if proc.returncode != 0:
         sys.exit(f"distil {name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    m = json.loads(measured.read_text())
-    return proc, m["seconds"], m["rss"]
+    return proc, json.loads(measured.read_text())
 
 
 def main() -> None:
@@ -56,10 +57,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     overrides = [*a.overrides, f"out={work / 'out'}", f"cache={work / 'cache'}"]
 
-    proc, plan_wall, _ = stage(work, "plan", "plan", a.recipe, *overrides)
+    proc, plan_run = stage(work, "plan", "plan", a.recipe, *overrides)
+    plan_wall = plan_run["seconds"]
     planned = json.loads(proc.stdout)
-    _, generate_s, _ = stage(work, "generate", "generate", a.recipe, *overrides)
-    _, train_s, train_rss = stage(work, "train", "train", a.recipe, *overrides)
+    generate_s = stage(work, "generate", "generate", a.recipe, *overrides)[1]["seconds"]
+    train_run = stage(work, "train", "train", a.recipe, *overrides)[1]
+    train_s, train_rss = train_run["seconds"], train_run["rss"]
 
     from distil.generation.cache import TeacherCache
 

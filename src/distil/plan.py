@@ -31,7 +31,7 @@ from distil.generation.decoding import encode_prompt
 from distil.generation.stage import teacher_view
 from distil.generation.view import cached_rows
 from distil.models import students
-from distil.training.loop import prepare_student
+from distil.training.loop import cpu_only, prepare_student
 from distil.training.memory import parameter_bytes, resident_bytes, saved_activation_bytes
 from distil.training.objective import DistillationObjective
 
@@ -183,8 +183,7 @@ def plan(recipe: Recipe, memory: int | None = None, rows: int | None = None, ste
     cost = teacher_cost(recipe.teacher, prompt_tokens, completion_tokens)
     # The train process's peak resident set: the runtime, the teacher's weights (loaded on the host to build the
     # student or score online, kept for the baseline), and, training on the CPU, the rest of the device's memory.
-    on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
-    device = total - parts.get("teacher", 0) if on_cpu else 0
+    device = total - parts.get("teacher", 0) if cpu_only() else 0
     host = runtime + mem["teacher_bytes"] + device
     result = {
         "rows": total_rows,

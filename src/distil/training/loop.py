@@ -175,7 +175,7 @@ class Loop:
             AcceleratorState._reset_state()
         # On a machine without an accelerator, `cpu=True` lets Accelerate pick up a torchrun /
         # `accelerate launch` environment as multi-process CPU training (gloo).
-        self.accelerator = Accelerator(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        self.accelerator = Accelerator(cpu=cpu_only(),
                                        mixed_precision=mixed_precision, log_with=list(report_to) or None,
                                        project_dir=str(logging_dir) if report_to and logging_dir else None)
         sharding.check_engine(self.accelerator)
@@ -313,6 +313,11 @@ class Loop:
             accelerator.end_training()  # flushes and closes the trackers' files and runs
         return {"steps": s.steps, "resumed_from": start_step, "final": last, unit: seen,
                 "seconds": round(time.time() - t0, 2)}
+
+
+def cpu_only() -> bool:
+    """True on a machine without an accelerator (CUDA or MPS): training runs on the CPU."""
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available())
 
 
 def prepare_student(student: nn.Module, cfg: TrainConfig) -> None:

@@ -88,9 +88,9 @@ def keep_freed_memory() -> bool:
     a fresh mmap and unmaps it when freed, and trims the heap top above 128 KB, so a training step that
     allocates and frees the same large tensors (logits chunks, activations, their gradients) faults
     their pages in again on every step. Kept, the quickstart's CPU steps take 0.75 s instead of
-    1.0-1.1 s, for 100-190 MB more peak RSS (bench/keep_freed_memory.py, docs/benchmarks.md). Other C libraries have no
-    mallopt; a user who tunes malloc through the environment (GLIBC_TUNABLES, MALLOC_*_) keeps that,
-    and DISTIL_KEEP_FREED_MEMORY=0 leaves glibc's default.
+    1.0-1.1 s, for 100-190 MB more peak RSS (bench/keep_freed_memory.py, docs/benchmarks.md).
+    Other C libraries have no mallopt; a user who tunes malloc through the environment
+    (GLIBC_TUNABLES, MALLOC_*_) keeps that, and DISTIL_KEEP_FREED_MEMORY=0 leaves glibc's default.
     """
     tuned = "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(k.startswith("MALLOC_") for k in os.environ)
     if not sys.platform.startswith("linux") or tuned or os.environ.get("DISTIL_KEEP_FREED_MEMORY") == "0":
