@@ -52,27 +52,31 @@ def main() -> None:
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, for plan and the run alike")
     parser.add_argument("--work", default="runs/plan-accuracy")
+    parser.add_argument("--cache", help="a cache the recipe already filled: train from it, and leave generation "
+                                        "out of the comparison (e.g. to compare memory switches)")
     a = parser.parse_args()
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    overrides = [*a.overrides, f"out={work / 'out'}", f"cache={work / 'cache'}"]
+    cache = Path(a.cache).resolve() if a.cache else work / "cache"
+    overrides = [*a.overrides, f"out={work / 'out'}", f"cache={cache}"]
 
     proc, plan_run = stage(work, "plan", "plan", a.recipe, *overrides)
     plan_wall = plan_run["seconds"]
     planned = json.loads(proc.stdout)
-    generate_s = stage(work, "generate", "generate", a.recipe, *overrides)[1]["seconds"]
+    generate_s = None if a.cache else stage(work, "generate", "generate", a.recipe, *overrides)[1]["seconds"]
     train_run = stage(work, "train", "train", a.recipe, *overrides)[1]
     train_s, train_rss = train_run["seconds"], train_run["rss"]
 
     from distil.generation.cache import TeacherCache
 
-    stats = TeacherCache(str(work / "cache")).stats()
+    stats = TeacherCache(str(cache)).stats()
     rows = [("rows", planned["rows"], stats["rows"]),
             ("completion tokens", planned["teacher_tokens"]["completion"], stats["tokens"]),
             ("cache bytes", planned["cache_bytes"], stats["bytes"]),
-            ("generate seconds", planned["generate_seconds"], round(generate_s, 1)),
+            ("generate seconds", planned["generate_seconds"], generate_s and round(generate_s, 1)),
             ("train seconds", planned["train_seconds"], round(train_s, 1)),
             ("peak RSS of train", planned["train_peak_rss"]["total"], train_rss)]
+    rows = [r for r in rows if r[2] is not None]
     result = {"recipe": a.recipe, "overrides": a.overrides, "plan_seconds": round(plan_wall, 1), "plan": planned,
               "measured": {"cache": stats, "generate_seconds": generate_s, "train_seconds": train_s,
                            "train_peak_rss_bytes": train_rss},
