@@ -92,7 +92,7 @@ def plan(args: Optional[list[str]] = typer.Argument(None, help=RECIPE_HELP),
                                                                       "recipe that needs more exits 2 naming the "
                                                                       "key to change."),
          rows: Optional[int] = typer.Option(None, "--rows", help="Training prompts in the calibration run (default: "
-                                                                 "one generation batch)."),
+                                                                 "two generation batches)."),
          steps: int = typer.Option(5, "--steps", help="Training steps in the calibration run.")):
     """Predict rows, teacher tokens and cost, cache bytes, generation and training seconds and peak memory per
     device, from a short calibration run of the recipe in a temporary folder.
