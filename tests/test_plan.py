@@ -36,6 +36,8 @@ def test_plan_matches_a_real_run_of_the_tiny_recipe(load):
                       "measured": {"rows": stats["rows"], "cache_bytes": stats["bytes"], "train_seconds": train_seconds,
                                    "tokens": stats["tokens"]}}))
     assert predicted["rows"] == stats["rows"] == 32
+    # Two generation batches by default: one batch alone decodes at falling occupancy and undercounts rows/s.
+    assert predicted["calibration"]["rows"] == 2 * recipe.generate.batch_size
     assert predicted["cache_bytes"] == pytest.approx(stats["bytes"], rel=0.25)
     assert predicted["teacher_tokens"]["completion"] == pytest.approx(stats["tokens"], rel=0.25)
     # Seconds: within 2x here (a 1-2 s run on a shared 2-core machine moves ~30% between runs: 1.31 s measured
