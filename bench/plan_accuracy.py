@@ -73,7 +73,7 @@ def main() -> None:
     rows = [("rows", planned["rows"], stats["rows"]),
             ("completion tokens", planned["teacher_tokens"]["completion"], stats["tokens"]),
             ("cache bytes", planned["cache_bytes"], stats["bytes"]),
-            ("generate seconds", planned["generate_seconds"], generate_s and round(generate_s, 1)),
+            ("generate seconds", planned["generate_seconds"], None if generate_s is None else round(generate_s, 1)),
             ("train seconds", planned["train_seconds"], round(train_s, 1)),
             ("peak RSS of train", planned["train_peak_rss"]["total"], train_rss)]
     rows = [r for r in rows if r[2] is not None]
